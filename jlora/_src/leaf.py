@@ -1,0 +1,141 @@
+"""The two leaf types of a jlora tree: `LoRA` (frozen w + trainable a, b) and `Trainable`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """A frozen kernel `w` with a trainable low-rank update `scale * a @ b`.
+
+  The kernel's axes (after `stack` leading stack axes, which `w`, `a` and `b`
+  share) are split into the *A axes* (`a_axes`, in kernel order) and the *B axes*
+  (the rest, in kernel order)::
+
+      a.shape == stack_shape + tuple(kernel.shape[i] for i in a_axes) + (rank,)
+      b.shape == stack_shape + (rank,) + tuple(kernel.shape[i] for i in b_axes)
+      w_effective = w + scale * (a @ b), axes put back in kernel order
+
+  `w`, `a` and `b` are pytree children, so `jax.tree_util.keystr` shows paths
+  such as `['dense']['kernel'].a`; everything else is static metadata.
+
+  Attributes:
+    w: the frozen original weight.
+    a: the trainable down-projection.
+    b: the trainable up-projection (zeros at init).
+    alpha: the LoRA alpha.
+    a_axes: the kernel axes (not counting stack axes) spanned by `a`.
+    stack: the number of leading stack axes shared by `w`, `a` and `b`.
+    rslora: if True the scale is alpha/sqrt(rank), else alpha/rank.
+  """
+
+  w: Any
+  a: Any
+  b: Any
+  alpha: float = dataclasses.field(metadata=dict(static=True))
+  a_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  stack: int = dataclasses.field(default=0, metadata=dict(static=True))
+  rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+  @property
+  def rank(self) -> int:
+    return int(_shape(self.a)[-1]) if self.a is not None else int(_shape(self.b)[self.stack])
+
+  @property
+  def scale(self) -> float:
+    r = self.rank
+    return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
+
+  @property
+  def ndim(self) -> int:
+    """The kernel's number of axes, stack axes excluded."""
+    return len(self.a_axes) + len(self.b_axes)
+
+  @property
+  def b_axes(self) -> tuple[int, ...]:
+    n = len(_shape(self.a)) - 1 - self.stack + len(_shape(self.b)) - 1 - self.stack
+    return tuple(i for i in range(n) if i not in self.a_axes)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The shape of the (effective) weight, stack axes included."""
+    if self.w is not None and hasattr(self.w, "shape"):
+      return tuple(self.w.shape)
+    return _kernel_shape(_shape(self.a), _shape(self.b), self.a_axes, self.stack)
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  def delta(self) -> jax.Array:
+    """`scale * a @ b` in the kernel's axis order (adapter dtype)."""
+    return lora_delta(self.a, self.b, self.a_axes, self.stack, self.scale)
+
+  def __repr__(self) -> str:  # compact: shapes, not values
+    def s(x):
+      return "None" if x is None else f"{getattr(x, 'dtype', '?')}{list(_shape(x))}"
+    return (f"LoRA(w={s(self.w)}, a={s(self.a)}, b={s(self.b)}, alpha={self.alpha}, "
+            f"a_axes={self.a_axes}, stack={self.stack}, rslora={self.rslora})")
+
+
+jax.tree_util.register_dataclass(LoRA)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """Marks a leaf as fully trainable (e.g. a classifier head or a bias)."""
+
+  value: Any
+
+  def __repr__(self) -> str:
+    v = self.value
+    return f"Trainable({getattr(v, 'dtype', '?')}{list(_shape(v)) if v is not None else ''})"
+
+
+jax.tree_util.register_dataclass(Trainable)
+
+
+def is_lora(x: Any) -> bool:
+  return isinstance(x, LoRA)
+
+
+def is_node(x: Any) -> bool:
+  """True for jlora's own nodes (`LoRA`, `Trainable`): use as `is_leaf`."""
+  return isinstance(x, (LoRA, Trainable))
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(getattr(x, "shape", ()))
+
+
+def _kernel_shape(a_shape, b_shape, a_axes, stack):
+  a_dims = a_shape[stack:-1]
+  b_dims = b_shape[stack + 1:]
+  n = len(a_dims) + len(b_dims)
+  out, ia, ib = [], iter(a_dims), iter(b_dims)
+  for i in range(n):
+    out.append(next(ia) if i in a_axes else next(ib))
+  return tuple(a_shape[:stack]) + tuple(out)
+
+
+_LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQSTUVWXYZ"  # 'r' is the rank
+
+
+def lora_delta(a, b, a_axes, stack, scale):
+  """`scale * a @ b` with the axes placed back in kernel order."""
+  a_nd = a.ndim - 1 - stack
+  b_nd = b.ndim - 1 - stack
+  n = a_nd + b_nd
+  s = _LETTERS[:stack]
+  k = _LETTERS[stack:stack + n]
+  b_axes = [i for i in range(n) if i not in a_axes]
+  a_sub = s + "".join(k[i] for i in a_axes) + "r"
+  b_sub = s + "r" + "".join(k[i] for i in b_axes)
+  ab = jnp.einsum(f"{a_sub},{b_sub}->{s}{k}", a, b, precision=jax.lax.Precision.HIGHEST)
+  return ab * jnp.asarray(scale, ab.dtype)

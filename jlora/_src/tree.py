@@ -1,0 +1,215 @@
+"""Whole-tree operations: split/combine, merge/base, count/summary."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jlora._src import paths as P
+from jlora._src.leaf import LoRA, Trainable, is_node
+
+
+class Split(NamedTuple):
+  """The two halves of a jlora tree, each with `None` holes where the other has data."""
+
+  trainable: Any
+  frozen: Any
+
+
+def _map_nodes(fn, tree):
+  return jax.tree_util.tree_map(lambda x: fn(x), tree, is_leaf=is_node)
+
+
+def split(tree: Any) -> Split:
+  """Splits a jlora tree into `(trainable, frozen)` halves with `None` holes.
+
+  `trainable` keeps `LoRA.a`/`LoRA.b` and `Trainable` values; `frozen` keeps
+  `LoRA.w` and every plain leaf. `jlora.combine(*jlora.split(t))` is `t`.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> t = jlora.apply({"q_proj": jnp.ones((4, 6)), "norm": jnp.ones(4)}, rank=2)
+    >>> trainable, frozen = jlora.split(t)
+    >>> trainable["norm"] is None, frozen["q_proj"].a is None
+    (True, True)
+  """
+  def train(x):
+    if isinstance(x, LoRA):
+      return LoRA(None, x.a, x.b, x.alpha, x.a_axes, x.stack, x.rslora)
+    if isinstance(x, Trainable):
+      return x
+    return None
+
+  def frozen(x):
+    if isinstance(x, LoRA):
+      return LoRA(x.w, None, None, x.alpha, x.a_axes, x.stack, x.rslora)
+    if isinstance(x, Trainable):
+      return Trainable(None)
+    return x
+
+  return Split(_map_nodes(train, tree), _map_nodes(frozen, tree))
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+  """The exact inverse of `jlora.split`: fills each half's `None` holes from the other.
+
+  Raises:
+    ValueError: the halves do not come from the same tree (the message names
+      the first differing path), or both or neither hold data at a path.
+  """
+  t_def = jax.tree_util.tree_structure(trainable, is_leaf=lambda x: x is None)
+  f_def = jax.tree_util.tree_structure(frozen, is_leaf=lambda x: x is None)
+  if t_def != f_def:
+    raise ValueError(
+        "jlora.combine: the trainable and frozen trees do not have the same structure "
+        f"({_first_difference(trainable, frozen)}). Pass the two halves of one "
+        "jlora.split(tree), or trees built from them with the same structure.")
+
+  def pick(path, t, f):
+    if t is None:
+      return f
+    if f is None:
+      return t
+    raise ValueError(f"jlora.combine: both halves hold a value at {P.path_str(path)!r}; "
+                     f"the halves of jlora.split hold each leaf in exactly one of them.")
+
+  return jax.tree_util.tree_map_with_path(pick, trainable, frozen,
+                                          is_leaf=lambda x: x is None)
+
+
+def _first_difference(a, b) -> str:
+  fa = dict((P.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
+      a, is_leaf=lambda x: x is None)[0])
+  fb = dict((P.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
+      b, is_leaf=lambda x: x is None)[0])
+  only_a = sorted(set(fa) - set(fb))
+  only_b = sorted(set(fb) - set(fa))
+  if only_a or only_b:
+    return (f"paths only in trainable: {only_a[:5]}; only in frozen: {only_b[:5]}")
+  return ("same paths but different node types or static LoRA metadata (alpha, a_axes, "
+          "stack, rslora)")
+
+
+def _merge_leaf(x):
+  if isinstance(x, LoRA):
+    w = x.w
+    d = x.delta()
+    ct = jnp.promote_types(w.dtype, d.dtype)
+    return (w.astype(ct) + d.astype(ct)).astype(w.dtype)
+  if isinstance(x, Trainable):
+    return x.value
+  return x
+
+
+def _base_leaf(x):
+  if isinstance(x, LoRA):
+    return x.w
+  if isinstance(x, Trainable):
+    return x.value
+  return x
+
+
+@functools.partial(jax.jit, static_argnames=())
+def _merge_jit(tree):
+  return _map_nodes(_merge_leaf, tree)
+
+
+_merge_jit_donate = jax.jit(lambda tree: _map_nodes(_merge_leaf, tree), donate_argnums=0)
+
+
+def merge(tree: Any, *, donate: bool = False) -> Any:
+  """Folds every adapter into its weight: `w + scale * a @ b`, cast to `w`'s dtype.
+
+  `Trainable` leaves are unwrapped; plain leaves pass through. The sum is taken
+  in the promoted dtype of `w` and the adapters, then cast back. Jitted; with
+  `donate=True` the input buffers are donated (don't use `tree` afterwards).
+  Shardings follow the weights: the result of each leaf is laid out as its `w`.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> t = jlora.apply({"q_proj": jnp.ones((4, 6))}, rank=2)
+    >>> bool((jlora.merge(t)["q_proj"] == 1).all())  # b == 0 at init
+    True
+  """
+  return (_merge_jit_donate if donate else _merge_jit)(tree)
+
+
+def base(tree: Any) -> Any:
+  """The base weights: every `LoRA` leaf replaced by its frozen `w` (exact undo of apply)."""
+  return _map_nodes(_base_leaf, tree)
+
+
+class Count(NamedTuple):
+  total: int
+  trainable: int
+  frozen: int
+
+
+def _size(x) -> int:
+  return 0 if x is None else int(math.prod(getattr(x, "shape", ())))
+
+
+def count(tree: Any) -> Count:
+  """Parameter counts `(total, trainable, frozen)`; works on abstract trees too."""
+  t = f = 0
+  for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node):
+    if isinstance(x, LoRA):
+      t += _size(x.a) + _size(x.b)
+      f += _size(x.w)
+    elif isinstance(x, Trainable):
+      t += _size(x.value)
+    else:
+      f += _size(x)
+  return Count(t + f, t, f)
+
+
+def summary(tree: Any, *, max_rows: int | None = None) -> str:
+  """A table of the tree in the spirit of Keras's `model.summary()`.
+
+  One row per leaf (path, shape, dtype, rank, params), LoRA leaves showing their
+  adapter shapes, then `Total params`, `Trainable params`, `Non-trainable params`.
+
+  Args:
+    tree: a jlora tree (concrete or abstract).
+    max_rows: show at most this many rows (the totals always count everything).
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> t = jlora.apply({"q_proj": jnp.ones((4, 6)), "norm": jnp.ones(4)}, rank=2)
+    >>> print(jlora.summary(t).splitlines()[-1])
+    Non-trainable params: 28
+  """
+  rows = []
+  for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+    ps = P.path_str(path)
+    if isinstance(x, LoRA):
+      rows.append((ps, _fmt_shape(x.shape), str(x.w.dtype), str(x.rank),
+                   f"{_size(x.a) + _size(x.b):,} + {_size(x.w):,} frozen"))
+      rows.append(("  .a", _fmt_shape(x.a.shape), str(x.a.dtype), "", ""))
+      rows.append(("  .b", _fmt_shape(x.b.shape), str(x.b.dtype), "", ""))
+    elif isinstance(x, Trainable):
+      rows.append((ps, _fmt_shape(x.value.shape), str(x.value.dtype), "full",
+                   f"{_size(x.value):,}"))
+    else:
+      rows.append((ps, _fmt_shape(getattr(x, "shape", ())), str(getattr(x, "dtype", "")), "",
+                   f"{_size(x):,} frozen"))
+  shown = rows if max_rows is None else rows[:max_rows]
+  head = ("Path", "Shape", "Dtype", "Rank", "Params")
+  widths = [max(len(r[i]) for r in [head, *shown]) for i in range(5)]
+  line = "─" * (sum(widths) + 2 * 4)
+  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+  out = [line, fmt(head), line, *map(fmt, shown)]
+  if len(shown) < len(rows):
+    out.append(f"... {len(rows) - len(shown)} more rows")
+  c = count(tree)
+  out += [line, f"Total params: {c.total:,}", f"Trainable params: {c.trainable:,}",
+          f"Non-trainable params: {c.frozen:,}"]
+  return "\n".join(out)
+
+
+def _fmt_shape(s) -> str:
+  return "(" + ", ".join(str(d) for d in s) + ")"
