@@ -10,6 +10,7 @@
 from jlora._src.apply import apply
 from jlora._src.leaf import LoRA, Trainable, is_lora
 from jlora._src.optim import TrainStep, optimizer, train_step
+from jlora._src.transform import MaterializeWarning, lora
 from jlora._src.tree import Count, Split, base, combine, count, merge, split, summary
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Count",
     "LoRA",
+    "MaterializeWarning",
     "Split",
     "TrainStep",
     "Trainable",
@@ -25,6 +27,7 @@ __all__ = [
     "combine",
     "count",
     "is_lora",
+    "lora",
     "merge",
     "optimizer",
     "split",

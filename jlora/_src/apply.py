@@ -209,11 +209,7 @@ def _path_key(key, ps):
 
 
 def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, init, rslora):
-  shape = tuple(leaf.shape)
-  if n_stack > len(shape) - 2:
-    raise ValueError(
-        f"jlora.apply: {ps!r} has shape {shape}; with {n_stack} stack axes the kernel has "
-        f"{len(shape) - n_stack} < 2 axes. Check the `stacked` pattern.")
+  shape = tuple(leaf.shape)  # `_targets_fn` let through only kernels with ndim >= 2
   stack_shape, kshape = shape[:n_stack], shape[n_stack:]
   r = P.lookup(rank, ps, "rank")
   if isinstance(r, bool) or not isinstance(r, int):
@@ -245,7 +241,8 @@ def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, i
     raise ValueError(
         f"jlora.apply: rank {r} for {ps!r} (kernel {kshape}, factored as {fan_in} x {fan_out} "
         f"in layout {lay!r}) must be >= 1 and < {min(fan_in, fan_out)}; a rank that large is "
-        f"no longer low-rank. Use a smaller rank, e.g. rank={{{ps!r}: 4, '.*': {r}}}.")
+        f"no longer low-rank. Give this kernel a smaller rank, e.g. rank={{{ps!r}: "
+        f"{max(1, min(fan_in, fan_out) - 1)}, '.*': {r}}}, or leave it out of `targets`.")
   al = P.lookup(alpha, ps, "alpha", default=r)
   al = float(r if al is None else al)
   k = _path_key(key, ps)
