@@ -13,16 +13,18 @@ import numpy as np
 # A path component equal to one of these names a query or value projection under
 # a common convention: Keras/Flax/MaxText (`query`, `value`), Keras BERT
 # (`query_dense`), Hugging Face (`q_proj`, `v_proj`), llama.cpp GGUF (`attn_q`,
-# `attn_v`), Meta Llama (`wq`, `wv`), T5 (`q`, `v`), gemma (`q_einsum`).
+# `attn_v`), Meta Llama (`wq`, `wv`), T5 (`q`, `v`), gemma (`q_einsum`). A component
+# ends at '/' or at '.', so flat checkpoint names (`blk.0.attn_q.weight`,
+# `model.layers.0.self_attn.q_proj.weight`) match too.
 _QV_NAMES = ("query", "value", "query_dense", "value_dense", "q_proj", "v_proj", "attn_q",
              "attn_v", "wq", "wv", "q", "v", "q_einsum")
-QV_PATTERN = r"(^|/)(" + "|".join(_QV_NAMES) + r")(/|$)"
+QV_PATTERN = r"(^|[/.])(" + "|".join(_QV_NAMES) + r")([/.]|$)"
 
 # Never targeted unless named explicitly by a user pattern.
-_BIAS_RE = re.compile(r"(^|/)(bias|b|[\w]*_bias|bias_[\w]*)$", re.IGNORECASE)
+_BIAS_RE = re.compile(r"(^|[/.])(bias|b|[\w]*_bias|bias_[\w]*)$", re.IGNORECASE)
 _EMBED_RE = re.compile(r"(^|/)[\w.]*(embed|embedding|embeddings|wte|wpe|token_embd)[\w.]*(/|$)",
                        re.IGNORECASE)
-_HEAD_RE = re.compile(r"(^|/)(lm_head|output|logits)(/|$)")
+_HEAD_RE = re.compile(r"(^|[/.])(lm_head|output|logits)([/.]|$)")
 _NORM_RE = re.compile(r"(^|/)[\w.]*(norm|ln_\w*|layernorm)[\w.]*(/|$)", re.IGNORECASE)
 
 # Components that wrap a value without naming it: Flax NNX `Variable.value` and friends.

@@ -113,12 +113,16 @@ def _base_leaf(x):
   return x
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def _merge_jit(tree):
   return _map_nodes(_merge_leaf, tree)
 
 
-_merge_jit_donate = jax.jit(lambda tree: _map_nodes(_merge_leaf, tree), donate_argnums=0)
+@functools.partial(jax.jit, donate_argnums=1)
+def _merge_jit_donate(trainable, frozen):
+  # Only the frozen half is donated: its buffers (each `w`) have the shapes of the
+  # outputs; the adapters' buffers could not be reused (and jax warns if donated).
+  return _map_nodes(_merge_leaf, combine(trainable, frozen))
 
 
 def merge(tree: Any, *, donate: bool = False) -> Any:
@@ -126,7 +130,8 @@ def merge(tree: Any, *, donate: bool = False) -> Any:
 
   `Trainable` leaves are unwrapped; plain leaves pass through. The sum is taken
   in the promoted dtype of `w` and the adapters, then cast back. Jitted; with
-  `donate=True` the input buffers are donated (don't use `tree` afterwards).
+  `donate=True` the buffers of the frozen weights are donated to the result
+  (don't use `tree` afterwards).
   Shardings follow the weights: the result of each leaf is laid out as its `w`.
 
   Example:
@@ -135,7 +140,7 @@ def merge(tree: Any, *, donate: bool = False) -> Any:
     >>> bool((jlora.merge(t)["q_proj"] == 1).all())  # b == 0 at init
     True
   """
-  return (_merge_jit_donate if donate else _merge_jit)(tree)
+  return _merge_jit_donate(*split(tree)) if donate else _merge_jit(tree)
 
 
 def base(tree: Any) -> Any:
