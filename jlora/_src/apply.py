@@ -237,7 +237,10 @@ def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, i
   a_dims = tuple(kshape[i] for i in a_axes)
   b_dims = tuple(kshape[i] for i in range(len(kshape)) if i not in a_axes)
   fan_in, fan_out = math.prod(a_dims), math.prod(b_dims)
-  if r < 1 or r >= min(fan_in, fan_out):
+  if r < 1:
+    raise ValueError(f"jlora.apply: rank {r} for {ps!r} must be >= 1 (the number of columns of "
+                     f"a); use e.g. rank=4, or leave {ps!r} out of `targets`.")
+  if r >= min(fan_in, fan_out):
     raise ValueError(
         f"jlora.apply: rank {r} for {ps!r} (kernel {kshape}, factored as {fan_in} x {fan_out} "
         f"in layout {lay!r}) must be >= 1 and < {min(fan_in, fan_out)}; a rank that large is "
