@@ -151,10 +151,10 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
       if isinstance(x, LoRA):
         if x.w is None or x.a is None or x.b is None:
           raise ValueError(
-              f"jlora.lora: the LoRA leaf at {P.path_str(path)!r} has a missing field (w, a or "
+              f"jlora.lora: the LoRA leaf at {_arg_path(path)!r} has a missing field (w, a or "
               f"b is None): it is one half of jlora.split. Pass jlora.combine(trainable, "
               f"frozen).")
-        lv = _LV(x.w, x.a, x.b, x.scale, x.a_axes, x.stack, P.path_str(path))
+        lv = _LV(x.w, x.a, x.b, x.scale, x.a_axes, x.stack, _arg_path(path))
         dyn_pos.append(i), dyn_vals.append(lv), trace_vals.append(x.w)
       elif isinstance(x, Trainable):
         dyn_pos.append(i), dyn_vals.append(x.value), trace_vals.append(x.value)
@@ -178,6 +178,13 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped
+
+
+def _arg_path(path) -> str:
+  """The path inside the argument: `args[i]` + its own path, or the keyword's name + path."""
+  if path and P.key_str(path[0]) == "0":  # positional: drop the args-tuple index
+    return P.path_str(path[2:]) if len(path) > 2 else P.path_str(path[1:])
+  return P.path_str(path[1:])
 
 
 # --------------------------------------------------------------------------- the interpreter

@@ -1,0 +1,429 @@
+"""`jlora.lora(fn)`: factored execution equals the merged weights, through control flow."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+import jlora
+
+KEY = jax.random.key(0)
+
+
+def randomize_b(tree, seed=1, alpha_mult=1.5):
+  """Nonzero `b` (and a non-unit scale) so the adapters actually contribute."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=jlora.is_lora)
+  out = []
+  for i, x in enumerate(leaves):
+    if isinstance(x, jlora.LoRA):
+      b = jax.random.normal(jax.random.key(seed + i), x.b.shape, x.b.dtype) * 0.5
+      x = jlora.LoRA(x.w, x.a, b, x.alpha * alpha_mult, x.a_axes, x.stack, x.rslora)
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def trainable_grads(loss, tree):
+  t, f = jlora.split(tree)
+  return jax.value_and_grad(lambda t: loss(jlora.combine(t, f)))(t)
+
+
+def assert_equivalent(apply_fn, tree, *args, rtol=1e-5, atol=1e-5, strict=True):
+  """Outputs and gradients wrt a/b of the factored path equal those of the merge path.
+
+  Tolerances are relative to the largest output / gradient magnitude (dtype-aware
+  callers pass bf16-sized ones). One jit compiles both paths.
+  """
+  fact = jlora.lora(apply_fn, strict=strict)
+
+  @jax.jit
+  def both(tree, args):
+    y_f, y_m = fact(tree, *args), apply_fn(jlora.merge(tree), *args)
+    proj = jax.random.normal(jax.random.key(7), y_m.shape, jnp.float32)
+    loss_f = lambda p: jnp.sum(fact(p, *args).astype(jnp.float32) * proj)
+    loss_m = lambda p: jnp.sum(apply_fn(jlora.merge(p), *args).astype(jnp.float32) * proj)
+    return y_f, y_m, trainable_grads(loss_f, tree), trainable_grads(loss_m, tree)
+
+  y_f, y_m, (lf, gf), (lm, gm) = both(tree, args)
+  y_scale = max(1.0, float(jnp.max(jnp.abs(y_m.astype(jnp.float32)))))
+  np.testing.assert_allclose(y_f, y_m, rtol=rtol, atol=atol * y_scale)
+  np.testing.assert_allclose(lf, lm, rtol=rtol, atol=atol * max(1, float(abs(lm))))
+  gf_l, gm_l = jax.tree.leaves(gf), jax.tree.leaves(gm)
+  assert len(gf_l) == len(gm_l) > 0
+  for a, b in zip(gf_l, gm_l):
+    scale = max(1.0, float(jnp.max(jnp.abs(b))))
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale)
+
+
+def params_apply(module):
+  return lambda p, *a: module.apply({"params": p}, *a)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(32, name="up_proj")(x))
+    return nn.Dense(8, name="down_proj")(x)
+
+
+class DGAttention(nn.Module):
+  """Attention with DenseGeneral projections: several input and output axes."""
+  heads: int = 4
+  head_dim: int = 6
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.DenseGeneral((self.heads, self.head_dim), name="query")(x)
+    k = nn.DenseGeneral((self.heads, self.head_dim), name="key")(x)
+    v = nn.DenseGeneral((self.heads, self.head_dim), name="value")(x)
+    att = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(self.head_dim))
+    o = jnp.einsum("bnts,bsnh->btnh", att, v)
+    return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out")(o)
+
+
+class EinsumAttention(nn.Module):
+  heads: int = 4
+  head_dim: int = 6
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    q = nn.Einsum((self.heads, d, self.head_dim), "btd,ndh->btnh", name="query")(x)
+    v = nn.Einsum((self.heads, d, self.head_dim), "btd,ndh->btnh", name="value")(x)
+    att = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, q) / np.sqrt(self.head_dim))
+    o = jnp.einsum("bnts,bsnh->btnh", att, v)
+    return nn.Einsum((self.heads, self.head_dim, d), "btnh,nhd->btd", name="out")(o)
+
+
+IN_AXES_DG = {"query|key|value": (0,), "out": (0, 1)}
+IN_AXES_EINSUM = {"query|value": (1,), "out": (0, 1)}
+
+
+def x3(d=16, seed=3):
+  return jax.random.normal(jax.random.key(seed), (2, 5, d))
+
+
+def test_mlp_equivalence():
+  m = MLP()
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  p = m.init(KEY, x)["params"]
+  t = randomize_b(jlora.apply(p, rank=3, targets="all-linear"))
+  assert_equivalent(params_apply(m), t, x)
+
+
+@pytest.mark.parametrize("layout", ["keras", "fan"])
+def test_dense_general_attention(layout):
+  m = DGAttention()
+  x = x3()
+  p = m.init(KEY, x)["params"]
+  t = randomize_b(jlora.apply(p, rank=2, targets="all-linear", layout=layout, in_axes=IN_AXES_DG))
+  assert_equivalent(params_apply(m), t, x)
+
+
+@pytest.mark.parametrize("layout", ["keras", "fan"])
+def test_einsum_attention(layout):
+  m = EinsumAttention()
+  x = x3()
+  p = m.init(KEY, x)["params"]
+  t = randomize_b(jlora.apply(p, rank=2, targets="all-linear", layout=layout,
+                              in_axes=IN_AXES_EINSUM))
+  q = t["query"]["kernel"]
+  if layout == "keras":  # per-head a, as Keras's EinsumDense
+    assert q.a.shape == (4, 16, 2) and q.b.shape == (2, 6)
+  else:
+    assert q.a.shape == (16, 2) and q.b.shape == (2, 4, 6)
+  assert_equivalent(params_apply(m), t, x)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.Dense(16, name="q_proj")(x)
+    h = nn.Dense(x.shape[-1], name="v_proj")(jnp.tanh(h))
+    return x + h, None
+
+
+class Scanned(nn.Module):
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    blk = nn.remat(Block) if self.remat else Block
+    stack = nn.scan(blk, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+    x, _ = stack(name="layers")(x, None)
+    return x
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_nn_scan_stacked(remat):
+  m = Scanned(remat=remat)
+  x = jax.random.normal(jax.random.key(2), (3, 8))
+  p = m.init(KEY, x)["params"]
+  assert p["layers"]["q_proj"]["kernel"].shape == (4, 8, 16)
+  t = randomize_b(jlora.apply(p, rank=2, stacked=r"^layers/"))
+  assert t["layers"]["q_proj"]["kernel"].a.shape == (4, 8, 2)
+  assert_equivalent(params_apply(m), t, x)
+  # stays factored inside the loop: nothing is materialized (strict passes) and the
+  # loop body's dot_generals never produce a (8, 16) kernel-sized array.
+  jaxpr = jax.make_jaxpr(jlora.lora(params_apply(m), strict=True))(t, x)
+  assert "scan" in str(jaxpr)
+
+
+class Remat(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    d = nn.remat(nn.Dense)(24, name="q_proj")
+    return nn.Dense(4, name="v_proj")(jnp.tanh(d(x)))
+
+
+def test_nn_remat():
+  m = Remat()
+  x = jax.random.normal(jax.random.key(2), (3, 8))
+  p = m.init(KEY, x)["params"]
+  t = randomize_b(jlora.apply(p, rank=2))
+  assert_equivalent(params_apply(m), t, x)
+  assert "checkpoint" in str(jax.make_jaxpr(jlora.lora(params_apply(m)))(t, x)) or "remat" in str(
+      jax.make_jaxpr(jlora.lora(params_apply(m)))(t, x))
+
+
+class EmbedLM(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    emb = nn.Embed(50, 12, name="embed_tokens")
+    h = emb(ids)
+    h = h + nn.Dense(12, name="q_proj")(h)
+    return emb.attend(h)  # tied head: a matmul with the transposed table
+
+
+def test_embed_target_lookup_and_attend():
+  m = EmbedLM()
+  ids = jax.random.randint(jax.random.key(4), (3, 7), 0, 50)
+  p = m.init(KEY, ids)["params"]
+  t = jlora.apply(p, rank=3, targets=["embed_tokens", "q_proj"])
+  assert isinstance(t["embed_tokens"]["embedding"], jlora.LoRA)
+  t = randomize_b(t)
+  assert_equivalent(params_apply(m), t, ids)
+
+
+def test_default_targets_skip_embeddings():
+  p = EmbedLM().init(KEY, jnp.ones((1, 2), jnp.int32))["params"]
+  t = jlora.apply(p, rank=2, targets="all-linear")
+  assert not isinstance(t["embed_tokens"]["embedding"], jlora.LoRA)
+
+
+class NNXModel(nnx.Module):
+  def __init__(self, rngs):
+    self.q_proj = nnx.Linear(8, 16, rngs=rngs)
+    self.v_proj = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.v_proj(jnp.tanh(self.q_proj(x)))
+
+
+def test_nnx_split_merge():
+  model = NNXModel(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  x = jax.random.normal(jax.random.key(5), (3, 8))
+  t = randomize_b(jlora.apply(state, rank=2))
+
+  def run(st, x):
+    return nnx.merge(graphdef, st)(x)
+
+  assert_equivalent(run, t, x)
+
+
+def test_bf16_compute_with_f32_adapters():
+  m = nn.Dense(16, dtype=jnp.bfloat16, name="q_proj")
+  x = jax.random.normal(jax.random.key(6), (4, 32))
+  p = {"q_proj": m.init(KEY, x)["params"]}
+  t = randomize_b(jlora.apply(p, rank=4))
+  assert t["q_proj"]["kernel"].a.dtype == jnp.float32
+  f = lambda p, x: m.apply({"params": p["q_proj"]}, x)
+  y = jlora.lora(f)(t, x)
+  assert y.dtype == jnp.bfloat16
+  assert_equivalent(f, t, x, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_weights():
+  w = jax.random.normal(jax.random.key(8), (32, 16), jnp.bfloat16)
+  t = randomize_b(jlora.apply({"q_proj": w}, rank=4))
+  x = jax.random.normal(jax.random.key(6), (4, 32), jnp.bfloat16)
+  assert_equivalent(lambda p, x: x @ p["q_proj"], t, x, rtol=2e-2, atol=2e-2)
+
+
+def test_reshape_transpose_and_nested_jit():
+  w = jax.random.normal(jax.random.key(9), (12, 4, 5))  # (in, heads, hd)
+  t = randomize_b(jlora.apply({"wq": w}, rank=3, layout="fan", in_axes=(0,)))
+  x = jax.random.normal(jax.random.key(10), (6, 12))
+
+  @jax.jit
+  def f(p, x):
+    k = p["wq"].reshape(12, 20)          # merge the output axes
+    y1 = x @ k
+    kt = jnp.transpose(p["wq"], (1, 2, 0))  # (heads, hd, in)
+    y2 = jnp.einsum("bi,nhi->bnh", x, kt)
+    return y1 + y2.reshape(6, 20)
+
+  assert_equivalent(f, t, x)
+
+
+def test_cond_switch_while_fori():
+  w = jax.random.normal(jax.random.key(11), (8, 8)) / 3
+  t = randomize_b(jlora.apply({"q_proj": w}, rank=2))
+  x = jax.random.normal(jax.random.key(12), (3, 8))
+
+  def f(p, x):
+    y = lax.cond(x.sum() > 0, lambda h: h @ p["q_proj"], lambda h: -(h @ p["q_proj"]), x)
+    y = lax.switch(1, [lambda h: h, lambda h: jnp.tanh(h @ p["q_proj"])], y)
+    y = lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["q_proj"]), y)
+    _, y = lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["q_proj"])),
+                          (0, y))
+    return y
+
+  y = jlora.lora(f, strict=True)(t, x)
+  np.testing.assert_allclose(y, f(jlora.merge(t), x), rtol=1e-5, atol=1e-5)
+  # reverse-mode through while is unsupported by JAX itself; check grads without it
+  def g(p, x):
+    y = lax.cond(x.sum() > 0, lambda h: h @ p["q_proj"], lambda h: -(h @ p["q_proj"]), x)
+    y = lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["q_proj"]), y)  # a scan: static bounds
+    return lax.switch(1, [lambda h: h, lambda h: jnp.tanh(h @ p["q_proj"])], y)
+
+  assert_equivalent(g, t, x)
+
+
+def test_custom_jvp_vjp_functions():
+  w = jax.random.normal(jax.random.key(13), (8, 8)) / 3
+  t = randomize_b(jlora.apply({"q_proj": w}, rank=2))
+  x = jax.random.normal(jax.random.key(14), (3, 8))
+
+  @jax.custom_vjp
+  def clip_grad(h):
+    return h
+
+  clip_grad.defvjp(lambda h: (h, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
+
+  def f(p, x):  # custom rules on activations: the weight use stays factored
+    h = jax.nn.relu(x @ p["q_proj"])  # relu is a custom_jvp function
+    return clip_grad(h) @ p["q_proj"]
+
+  assert_equivalent(f, t, x)
+
+  @jax.custom_jvp
+  def matmul(h, k):
+    return h @ k
+
+  matmul.defjvp(lambda pr, tn: (matmul(*pr), tn[0] @ pr[1] + pr[0] @ tn[1]))
+  g = lambda p, x: matmul(x, p["q_proj"])  # the kernel enters a custom rule: materialized
+  with pytest.warns(jlora.MaterializeWarning, match=r"q_proj.*custom_jvp_call"):
+    y = jlora.lora(g)(t, x)
+  np.testing.assert_allclose(y, g(jlora.merge(t), x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"strict=True.*q_proj.*custom_jvp_call"):
+    jlora.lora(g, strict=True)(t, x)
+
+
+def test_unfactorable_op_warns_once_and_strict_raises():
+  w = jax.random.normal(jax.random.key(15), (8, 6))
+  t = randomize_b(jlora.apply({"q_proj": w}, rank=2))
+  x = jax.random.normal(jax.random.key(16), (3, 8))
+  f = lambda p, x: x @ (p["q_proj"] * 2.0) + x @ (p["q_proj"] * 2.0)
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    y = jlora.lora(f)(t, x)
+  msgs = [str(r.message) for r in rec if issubclass(r.category, jlora.MaterializeWarning)]
+  assert len(msgs) == 1 and "q_proj" in msgs[0] and "mul" in msgs[0]
+  np.testing.assert_allclose(y, f(jlora.merge(t), x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"strict=True.*'q_proj'.*`mul`"):
+    jlora.lora(f, strict=True)(t, x)
+  with pytest.warns(jlora.MaterializeWarning, match="output of the function"):
+    out = jlora.lora(lambda p: p["q_proj"])(t)
+  np.testing.assert_allclose(out, jlora.merge(t)["q_proj"], rtol=1e-6)
+
+
+def test_split_half_and_no_lora_are_reported():
+  t = jlora.apply({"q_proj": jnp.ones((4, 6))}, rank=2)
+  with pytest.raises(ValueError, match=r"'q_proj'.*missing field.*jlora.combine"):
+    jlora.lora(lambda p: p["q_proj"].sum())(jlora.split(t).trainable)
+  with pytest.warns(UserWarning, match="no jlora.LoRA leaf"):
+    jlora.lora(lambda x: x * 2)(jnp.ones(3))
+
+
+def test_trainable_leaves_pass_as_values():
+  t = jlora.apply({"q_proj": jax.random.normal(KEY, (4, 6)), "head": jnp.arange(6.0)}, rank=2,
+                  trainable="head")
+  f = lambda p, x: x @ p["q_proj"] + p["head"]
+  x = jax.random.normal(jax.random.key(1), (2, 4))
+  np.testing.assert_allclose(jlora.lora(f)(t, x), f(jlora.merge(t), x), rtol=1e-6)
+
+
+def test_vmap_over_stacked_weights_as_batch_dims():
+  w = jax.random.normal(jax.random.key(17), (3, 8, 5))
+  t = randomize_b(jlora.apply({"layers": {"q_proj": w}}, rank=2, stacked="^layers/"))
+  x = jax.random.normal(jax.random.key(18), (3, 4, 8))
+  f = lambda p, x: jax.vmap(lambda k, h: h @ k)(p["layers"]["q_proj"], x)
+  assert_equivalent(f, t, x)
+
+
+def _dot_output_sizes(jaxpr, out):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(tuple(eqn.outvars[0].aval.shape))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _dot_output_sizes(sub, out)
+  return out
+
+
+def test_backward_never_forms_a_full_weight_gradient():
+  """The gradient jaxpr of a factored loss has no dot_general of a targeted W's size."""
+  m = MLP()
+  x = jax.random.normal(jax.random.key(1), (64, 16))
+  t = randomize_b(jlora.apply(m.init(KEY, x)["params"], rank=2, targets="all-linear"))
+  w_shapes = {(16, 32), (32, 8)}
+  trainable, frozen = jlora.split(t)
+
+  def grad_jaxpr(apply_fn):
+    loss = lambda tr: jnp.mean(apply_fn(jlora.combine(tr, frozen), x) ** 2)
+    return jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr
+
+  fact = _dot_output_sizes(grad_jaxpr(jlora.lora(params_apply(m), strict=True)), [])
+  merged = _dot_output_sizes(grad_jaxpr(lambda p, x: m.apply({"params": jlora.merge(p)}, x)), [])
+  assert fact and not (set(fact) & w_shapes), fact
+  assert set(merged) & w_shapes, merged  # the merge path does form x^T·dy of W's size
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_random_einsums(data):
+  """Random kernel shapes, layouts and contracted axis choices."""
+  nk = data.draw(st.integers(2, 4), label="kernel ndim")
+  kshape = tuple(data.draw(st.lists(st.integers(2, 5), min_size=nk, max_size=nk)))
+  layout = data.draw(st.sampled_from(["keras", "fan"]))
+  n_in = data.draw(st.integers(1, nk - 1))
+  perm = data.draw(st.permutations(range(nk)))
+  contracted = tuple(sorted(perm[:n_in]))
+  in_axes = contracted if layout == "fan" else None
+  fan_in = int(np.prod([kshape[i] for i in range(nk - 1)])) if layout == "keras" else int(
+      np.prod([kshape[i] for i in contracted]))
+  fan_out = int(np.prod(kshape)) // fan_in
+  rank = data.draw(st.integers(1, max(1, min(fan_in, fan_out) - 1)))
+  if rank >= min(fan_in, fan_out):
+    return
+  seed = data.draw(st.integers(0, 2**16))
+  w = jax.random.normal(jax.random.key(seed), kshape)
+  t = randomize_b(jlora.apply({"q_proj": w}, rank=rank, layout=layout, in_axes=in_axes),
+                  seed=seed)
+  letters = "ijkl"
+  k_sub = letters[:nk]
+  x_sub = "b" + "".join(k_sub[i] for i in contracted)
+  o_sub = "b" + "".join(k_sub[i] for i in range(nk) if i not in contracted)
+  x = jax.random.normal(jax.random.key(seed + 1), (3,) + tuple(kshape[i] for i in contracted))
+  f = lambda p, x: jnp.einsum(f"{x_sub},{k_sub}->{o_sub}", x, p["q_proj"])
+  assert_equivalent(f, t, x, rtol=1e-4, atol=1e-4)
