@@ -33,6 +33,15 @@ class LoRA:
     a_axes: the kernel axes (not counting stack axes) spanned by `a`.
     stack: the number of leading stack axes shared by `w`, `a` and `b`.
     rslora: if True the scale is alpha/sqrt(rank), else alpha/rank.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> leaf = jlora.LoRA(w=jnp.zeros((3, 4, 5)), a=jnp.ones((3, 4, 2)), b=jnp.ones((2, 5)),
+    ...                   alpha=4.0, a_axes=(0, 1))
+    >>> leaf.rank, leaf.scale, leaf.shape, leaf.delta()[0, 0, 0].item()
+    (2, 2.0, (3, 4, 5), 4.0)
+    >>> [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(leaf)[0]]
+    ['.w', '.a', '.b']
   """
 
   w: Any

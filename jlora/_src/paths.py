@@ -50,6 +50,12 @@ def path_str(path) -> str:
 
   Attribute keys that only unwrap a container (NNX `Variable.value`) are dropped,
   so a kernel reads `linear/kernel` in a Linen dict and in an NNX state alike.
+
+  Example:
+    >>> import jax
+    >>> tree = {"layers": [{"query": {"kernel": 1.0}}]}
+    >>> path_str(jax.tree_util.tree_flatten_with_path(tree)[0][0][0])
+    'layers/0/query/kernel'
   """
   parts = []
   for k in path:
