@@ -1,5 +1,6 @@
 """Adapter checkpoints: save/restore, exact resume, crash safety, rotation, sharding."""
 
+import functools
 import json
 import os
 import pathlib
@@ -33,8 +34,15 @@ class MLP(nn.Module):
     return nn.Dense(3, name="head")(x)
 
 
+@functools.lru_cache
+def _np_params(seed, width):
+  init = jax.jit(MLP().init)
+  return jax.tree.map(np.asarray, init(jax.random.key(seed), jnp.ones((1, width)))["params"])
+
+
 def _params(seed=0, width=8):
-  return MLP().init(jax.random.key(seed), jnp.ones((1, width)))["params"]
+  """Fresh device arrays each call (train steps donate their inputs)."""
+  return jax.tree.map(jnp.asarray, _np_params(seed, width))
 
 
 def _lora(params, **kw):
@@ -42,12 +50,12 @@ def _lora(params, **kw):
   kw.setdefault("rank", 2)
   kw.setdefault("alpha", 4.0)
   t = jlora.apply(params, trainable="head/kernel", key=jax.random.key(7), **kw)
-  k = iter(jax.random.split(jax.random.key(11), 16))
+  rng = np.random.default_rng(11)
 
   def rand_b(x):
     if isinstance(x, jlora.LoRA):
-      return jlora.LoRA(x.w, x.a, jax.random.normal(next(k), x.b.shape, x.b.dtype), x.alpha,
-                        x.a_axes, x.stack, x.rslora)
+      b = jnp.asarray(rng.standard_normal(x.b.shape).astype(x.b.dtype))
+      return jlora.LoRA(x.w, x.a, b, x.alpha, x.a_axes, x.stack, x.rslora)
     return x
 
   return jax.tree.map(rand_b, t, is_leaf=jlora.is_lora)
