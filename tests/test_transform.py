@@ -241,6 +241,28 @@ def test_nnx_split_merge():
   assert_equivalent(run, t, x)
 
 
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(6, (3, 3), name="conv1")(x))
+    x = nn.Conv(5, (3, 3), strides=2, padding="VALID", kernel_dilation=1, name="conv2")(x)
+    return x.mean((1, 2))
+
+
+def test_conv_factored_in_keras_layout_else_materialized():
+  m = ConvNet()
+  x = jax.random.normal(jax.random.key(19), (2, 9, 9, 4))
+  p = m.init(KEY, x)["params"]
+  t = randomize_b(jlora.apply(p, rank=2, targets="conv"))
+  assert t["conv1"]["kernel"].a.shape == (3, 3, 4, 2)
+  assert_equivalent(params_apply(m), t, x)  # strict: no materialization
+  t2 = randomize_b(jlora.apply(p, rank=2, targets="conv", layout="fan",
+                               in_axes={"conv": (2,)}))
+  with pytest.warns(jlora.MaterializeWarning, match="conv_general_dilated"):
+    y = jlora.lora(params_apply(m))(t2, x)
+  np.testing.assert_allclose(y, m.apply({"params": jlora.merge(t2)}, x), rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_compute_with_f32_adapters():
   m = nn.Dense(16, dtype=jnp.bfloat16, name="q_proj")
   x = jax.random.normal(jax.random.key(6), (4, 32))

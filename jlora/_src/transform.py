@@ -12,6 +12,9 @@ rewritten by rules:
   adapters are cast to the weight's compute dtype (a bf16 model with float32
   adapters computes the adapter branch in bf16, as it computes `x·W`).
 * `gather` of whole rows (`nn.Embed`, `jnp.take`): `w[i] + s·(a[i]·B)`.
+* `conv_general_dilated` (`nn.Conv`) when `b` spans exactly the output-feature
+  axis (the Keras layout of a conv kernel): `conv(x, W) + s·(conv(x, A)·B)`;
+  other layouts, grouped convolutions and transposed kernels materialize.
 * weight-only ops keep the factoring: `convert_element_type`, `transpose`,
   axis-regrouping `reshape`/`squeeze`, `sharding_constraint`, `copy`, and
   slicing along stack axes (`slice`, `dynamic_slice`).
@@ -465,6 +468,27 @@ def _gather(ctx, eqn, invals):
   pos = dn.offset_dims[0]
   rows = jnp.moveaxis(rows, pos, -1).astype(lv.w.dtype) * jnp.asarray(lv.scale, lv.w.dtype)
   y = jnp.moveaxis(rows @ lv.b.astype(lv.w.dtype), -1, pos)
+  return base + y.astype(base.dtype)
+
+
+@_rule("conv_general_dilated")
+def _conv(ctx, eqn, invals):
+  """conv(x, W) + s·(conv(x, A) then B over features): `b` must span exactly the
+  kernel's output-feature axis (the Keras layout of a Flax/Keras conv kernel)."""
+  x, lv = invals
+  p = eqn.params
+  if _is_lv(x) or lv.stack or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    return None
+  dn = p["dimension_numbers"]
+  out_axis, feat_axis = dn.rhs_spec[0], dn.out_spec[1]
+  if lv.b_axes != (out_axis,):
+    return None
+  base = _bind(eqn, [x, lv.w])
+  a = jnp.moveaxis(lv.a, -1, out_axis).astype(lv.w.dtype)  # a conv kernel with r outputs
+  z = _bind(eqn, [x, a])
+  if lv.scale != 1.0:
+    z = z * jnp.asarray(lv.scale, z.dtype)
+  y = jnp.moveaxis(jnp.moveaxis(z, feat_axis, -1) @ lv.b.astype(z.dtype), -1, feat_axis)
   return base + y.astype(base.dtype)
 
 
