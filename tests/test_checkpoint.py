@@ -435,3 +435,43 @@ def test_restore_onto_a_four_device_mesh(tmp_path):
   out = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT, str(tmp_path / "c")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+def test_more_bad_input(tmp_path):
+  t = _lora(_params())
+  trainable, frozen = jlora.split(t)
+  with pytest.raises(ValueError, match="Trainable leaf at 'head/kernel' holds None"):
+    jlora_save(tmp_path / "f", frozen)
+  with pytest.raises(ValueError, match="LoRA leaf at 'q' has no adapters"):
+    jlora_save(tmp_path / "f", {"q": frozen["q_proj"]["kernel"]})
+  with pytest.raises(ValueError, match="trainable half of jlora.split"):
+    ckpt.fingerprint(trainable)
+  # A checkpoint of the trainable half has no fingerprint; restoring skips that check.
+  path = jlora_save(tmp_path / "half", trainable)
+  assert ckpt.read_metadata(path)["fingerprint"] is None
+  other = jlora.apply(_params(width=6), rank=2, alpha=4.0, trainable="head/kernel")
+  with pytest.raises(ValueError, match=r"adapter 'a' at 'q_proj/kernel' has shape \(8, 2\) in "
+                     r"the checkpoint and \(6, 2\)"):
+    ckpt.restore(path, other)
+  head = {"head": {"kernel": jlora.Trainable(jnp.ones((12, 3)))}}
+  jlora_save(tmp_path / "h", head)
+  with pytest.raises(ValueError, match=r"Trainable leaf at 'head/kernel' has shape \(12, 3\) in "
+                     r"the checkpoint and \(12, 4\)"):
+    ckpt.restore(tmp_path / "h", {"head": {"kernel": jlora.Trainable(jnp.ones((12, 4)))}},
+                 check_base=False)
+  with pytest.raises(ValueError, match=r"the target has no jlora.Trainable leaf at \['head/k"):
+    ckpt.restore(tmp_path / "h", {"head": {"kernel": jnp.ones((12, 3))}})
+  (tmp_path / "x" / "jlora").mkdir(parents=True)
+  (tmp_path / "x" / "jlora" / "metadata").write_text('{"format": "other"}')
+  with pytest.raises(ValueError, match="not a jlora checkpoint .its metadata has no format"):
+    ckpt.restore(tmp_path / "x")
+  (tmp_path / "tmp").mkdir()
+  with pytest.raises(FileExistsError, match="appeared while saving"):
+    ckpt._commit(str(tmp_path / "tmp"), str(tmp_path / "h"), False)
+  assert (tmp_path / "tmp").exists() and ckpt.restore(tmp_path / "h").step is None
+
+
+def test_docstring_examples():
+  import doctest
+  res = doctest.testmod(ckpt, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert res.failed == 0 and res.attempted >= 10

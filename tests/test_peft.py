@@ -431,3 +431,9 @@ def test_jlora_adapter_loads_in_peft(hf, tmp_path):
   flax_logits = _flax_logits(cfg, jlora.merge(tree), tokens)
   if flax_logits is not None:
     np.testing.assert_allclose(flax_logits, peft_logits, atol=1e-4)
+
+
+def test_docstring_examples():
+  import doctest
+  res = doctest.testmod(jp, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert res.failed == 0 and res.attempted >= 10
