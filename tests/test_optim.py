@@ -40,7 +40,7 @@ def _size(x):
 
 def test_adam_train_step_on_a_flax_model(setup):
   params, tokens, loss_fn = setup
-  lp = jlora.apply(jax.tree.map(jnp.copy, params), rank=2)  # the step donates the tree
+  lp = jlora.apply(params, rank=2)
   assert sorted(lp["attn"]) == ["key", "out", "query", "value"]
   assert [k for k in lp["attn"] if jlora.is_lora(lp["attn"][k]["kernel"])] == ["query", "value"]
   before = jax.tree.map(np.array, lp)  # host copies: the step donates its inputs
@@ -60,7 +60,10 @@ def test_adam_train_step_on_a_flax_model(setup):
   assert mu["attn"]["query"]["kernel"].a.shape == lp["attn"]["query"]["kernel"].a.shape
 
   lp1, state, loss1 = step(lp, state, tokens)
-  assert lp["attn"]["query"]["kernel"].b.is_deleted()  # the inputs were donated
+  assert lp["attn"]["query"]["kernel"].b.is_deleted()  # the adapters were donated ...
+  assert not lp["attn"]["query"]["kernel"].w.is_deleted()  # ... the frozen weights not:
+  assert lp1["attn"]["query"]["kernel"].w is params["attn"]["query"]["kernel"]  # same arrays
+  assert lp1["mlp_in"]["kernel"] is params["mlp_in"]["kernel"]
   after1 = jax.tree.map(np.array, lp1)
   lp2, state, loss2 = step(lp1, state, tokens)
   after2 = jax.tree.map(np.array, lp2)

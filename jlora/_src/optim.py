@@ -72,8 +72,10 @@ class TrainStep:
   `tree, opt_state, loss = step(tree, opt_state, *batch)`. `loss_fn(tree,
   *batch)` receives the whole jlora tree (use `jlora.lora(model.apply)` inside
   it for the factored path). The frozen half is closed over as a constant of
-  the gradient, so no full-weight gradient is requested; the tree and the
-  optimizer state are donated.
+  the gradient, so no full-weight gradient is requested. The trainable half
+  and the optimizer state are donated; the frozen half is neither donated nor
+  returned by the compiled step: the new tree holds the very same frozen
+  arrays, so the `params` given to `jlora.apply` stay valid.
   """
 
   def __init__(self, loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,
@@ -91,22 +93,23 @@ class TrainStep:
           "nothing to train. Call jlora.apply(params, ...) first.")
     return self.tx.init(split(tree).trainable)
 
-  def _impl(self, tree, opt_state, *args, **kwargs):
-    trainable, frozen = split(tree)
-
+  def _impl(self, trainable, opt_state, frozen, /, *args, **kwargs):
     def loss_of(t):
       return self.loss_fn(combine(t, frozen), *args, **kwargs)
 
     out, grads = jax.value_and_grad(loss_of, has_aux=self.has_aux)(trainable)
     updates, opt_state = self.tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return (combine(trainable, frozen), opt_state, *(out if self.has_aux else (out,)))
+    return (trainable, opt_state, *(out if self.has_aux else (out,)))
 
   def __call__(self, tree, opt_state, *args, **kwargs):
-    return self._step(tree, opt_state, *args, **kwargs)
+    trainable, frozen = split(tree)
+    trainable, opt_state, *out = self._step(trainable, opt_state, frozen, *args, **kwargs)
+    return (combine(trainable, frozen), opt_state, *out)
 
   def lower(self, tree, opt_state, *args, **kwargs):
-    return self._step.lower(tree, opt_state, *args, **kwargs)
+    trainable, frozen = split(tree)
+    return self._step.lower(trainable, opt_state, frozen, *args, **kwargs)
 
 
 def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,
@@ -118,7 +121,9 @@ def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,
       `has_aux=True`), taking the whole jlora tree.
     tx: an optax transformation; it is wrapped with `jlora.optimizer`.
     has_aux: whether `loss_fn` returns `(loss, aux)`.
-    donate: donate the tree and optimizer state buffers (default True).
+    donate: donate the buffers of the trainable half of the tree (adapters,
+      `Trainable` values) and of the optimizer state (default True). Frozen
+      weights are never donated.
 
   Returns:
     A `TrainStep`: `step.init(tree) -> opt_state` and
