@@ -59,6 +59,12 @@ def test_adam_train_step_on_a_flax_model(setup):
   assert mu["mlp_in"]["kernel"] is None and mu["attn"]["query"]["kernel"].w is None
   assert mu["attn"]["query"]["kernel"].a.shape == lp["attn"]["query"]["kernel"].a.shape
 
+  # Donated: the trainable half and the optimizer state; never the frozen half.
+  trainable_info, state_info, frozen_info, _ = step.lower(lp, state, tokens).args_info[0]
+  assert all(x.donated for x in jax.tree.leaves(trainable_info) + jax.tree.leaves(state_info))
+  assert not any(x.donated for x in jax.tree.leaves(frozen_info))
+  assert len(jax.tree.leaves(frozen_info)) == len(jax.tree.leaves(jlora.split(lp).frozen))
+
   lp1, state, loss1 = step(lp, state, tokens)
   assert lp["attn"]["query"]["kernel"].b.is_deleted()  # the adapters were donated ...
   assert not lp["attn"]["query"]["kernel"].w.is_deleted()  # ... the frozen weights not:
