@@ -265,8 +265,15 @@ def save(directory: str | os.PathLike, tree: Any, *, opt_state: Any = None,
     items[_OPT] = ocp.args.StandardSave({_key(i): x for i, (_, x) in enumerate(opt_flat)})
 
   parent, name = os.path.split(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f"{name}{_TMP}{uuid.uuid4().hex[:12]}")
+  # One name on every process (orbax writes each host's shards into it); a
+  # leftover of an earlier interrupted save under that name is removed first.
+  tmp = os.path.join(parent, f"{name}{_TMP}0")
+  if _primary():
+    os.makedirs(parent, exist_ok=True)
+    for n in os.listdir(parent):
+      if n.startswith(f"{name}{_TMP}"):
+        shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+  _sync("jlora_save_prepare")
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
       c.save(tmp, ocp.args.Composite(**items))
