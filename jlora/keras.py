@@ -125,10 +125,12 @@ def params(model, *, copy: bool = True) -> dict[str, Any]:
   Args:
     model: a built Keras model or layer on the JAX backend (a keras-hub task
       such as `GemmaCausalLM`, or its backbone).
-    copy: copy the arrays (default). `jlora.train_step` donates its input
-      tree; without a copy that would delete the buffers the Keras model still
-      uses. `copy=False` saves the memory of one copy of the weights: then
-      train with `jlora.train_step(..., donate=False)`.
+    copy: copy the arrays (default), so the tree and the Keras model share no
+      buffers: Keras's jitted `fit`/`predict`/`generate` donate their
+      variables' buffers, which would delete the tree's. `copy=False` saves
+      the memory of one copy of the weights (`jlora.train_step` never donates
+      the frozen half); then don't use the tree after running Keras's own
+      `fit`/`predict`/`generate`.
 
   Returns:
     A flat dict of arrays (and `jlora.LoRA` leaves) covering every trainable
@@ -358,28 +360,37 @@ def write_back(model, tree, *, frozen: bool = False, merge: bool = False) -> Non
     import jlora
     merged = jlora.merge(lora_leaves) if lora_leaves else {}
     for p, w in merged.items():
-      variables[p].assign(w)  # fresh arrays: nothing else holds them
+      _assign(variables[p], w)
   else:
     _enable(model, {p: (layers[p], x.rank) for p, x in lora_leaves.items()})
     for p, x in lora_leaves.items():
       layer = layers[p]
-      layer.lora_kernel_a.assign(_copy(x.a))
-      layer.lora_kernel_b.assign(_copy(x.b))
+      _assign(layer.lora_kernel_a, x.a)
+      _assign(layer.lora_kernel_b, x.b)
       layer.lora_alpha = x.scale * x.rank
       if frozen:
-        layer._kernel.assign(_copy(x.w))
+        _assign(layer._kernel, x.w)
   for p, x in flat.items():
     if isinstance(x, Trainable):
       variables[p].trainable = True
-      variables[p].assign(_copy(x.value))
+      _assign(variables[p], x.value)
     elif frozen and not isinstance(x, LoRA):
-      variables[p].assign(_copy(x))
+      _assign(variables[p], x)
 
 
-def _copy(x):
-  # Keras keeps the very array it is given, and its jitted fit/predict functions
-  # donate their variables' buffers: without a copy they would delete the tree's.
-  return jax.numpy.array(x, copy=True)
+def _assign(variable, x):
+  """Assigns a copy of `x`, placed as the variable's current value is.
+
+  A copy, because Keras keeps the very array it is given and its jitted
+  fit/predict functions donate their variables' buffers (they would delete the
+  tree's); placed like the variable, because a tree trained sharded over a mesh
+  must not leave Keras with weights on mixed devices.
+  """
+  y = jax.numpy.array(x, copy=True)
+  sharding = getattr(getattr(variable, "value", None), "sharding", None)
+  if sharding is not None:
+    y = jax.device_put(y, sharding)
+  variable.assign(y)
 
 
 def _enable(model, targets: dict[str, tuple[Any, int]]) -> None:

@@ -225,3 +225,22 @@ def test_errors_name_the_fix():
     jk.apply_fn(None, mode="typo")
   with pytest.raises(ValueError, match="is not built"):
     jk.params(keras.layers.Dense(3))
+
+
+@pytest.mark.skipif(os.environ.get("JLORA_NOTEBOOKS") != "1",
+                    reason="runs colab/gemma_lora.ipynb (~30-60 s); set JLORA_NOTEBOOKS=1")
+def test_colab_notebook_small_configuration(monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  # Two host devices, so the notebook's mesh really shards the batch and the weights.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("PYTHONPATH", str(REPO))
+  monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+  nb = nbformat.read(REPO / "colab" / "gemma_lora.ipynb", as_version=4)
+  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                          resources={"metadata": {"path": str(REPO)}}).execute()
+  text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs)
+  assert "Trainable params: 2,928,640" in text
+  assert "Mesh('data': 2" in text
+  assert "Keras trainable params after write-back" in text
