@@ -73,8 +73,7 @@ def _version() -> str:
 
 
 def _shape(x) -> tuple[int, ...]:
-  return tuple(int(d) for d in np.shape(x)) if not hasattr(x, "shape") else tuple(
-      int(d) for d in x.shape)
+  return tuple(int(d) for d in (x.shape if hasattr(x, "shape") else np.shape(x)))
 
 
 def _dtype(x) -> str:
@@ -82,7 +81,8 @@ def _dtype(x) -> str:
   return str(np.dtype(dt)) if dt is not None else str(np.asarray(x).dtype)
 
 
-def _entries(tree: Any) -> tuple[list[_Entry], list[tuple[str, list[int], str]] | None]:
+def _entries(tree: Any, fn: str = "save"
+             ) -> tuple[list[_Entry], list[tuple[str, list[int], str]] | None]:
   """The adapted/trainable nodes of `tree` and its base leaves (None if not all there)."""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]
   entries, base, complete, seen = [], [], True, set()
@@ -90,13 +90,13 @@ def _entries(tree: Any) -> tuple[list[_Entry], list[tuple[str, list[int], str]] 
     ps = P.path_str(path)
     if ps in seen:
       raise ValueError(
-          f"jlora.save: the path {ps!r} appears twice in the tree (two keys that join to the "
+          f"jlora.{fn}: the path {ps!r} appears twice in the tree (two keys that join to the "
           f"same '/'-separated path). Rename one of them so every leaf has its own path.")
     seen.add(ps)
     if isinstance(x, LoRA):
       if x.a is None or x.b is None:
         raise ValueError(
-            f"jlora.save: the jlora.LoRA leaf at {ps!r} has no adapters (a or b is None): this "
+            f"jlora.{fn}: the jlora.LoRA leaf at {ps!r} has no adapters (a or b is None): this "
             f"is the frozen half of jlora.split. Pass the whole tree or its trainable half.")
       entries.append(_Entry(ps, "lora", x))
       if x.w is None:
@@ -106,7 +106,7 @@ def _entries(tree: Any) -> tuple[list[_Entry], list[tuple[str, list[int], str]] 
     elif isinstance(x, Trainable):
       if x.value is None:
         raise ValueError(
-            f"jlora.save: the jlora.Trainable leaf at {ps!r} holds None: this is the frozen "
+            f"jlora.{fn}: the jlora.Trainable leaf at {ps!r} holds None: this is the frozen "
             f"half of jlora.split. Pass the whole tree or its trainable half.")
       entries.append(_Entry(ps, "trainable", x))
       base.append((ps, list(_shape(x.value)), _dtype(x.value)))
@@ -116,7 +116,7 @@ def _entries(tree: Any) -> tuple[list[_Entry], list[tuple[str, list[int], str]] 
 
 
 def _base_list(tree: Any) -> list[tuple[str, list[int], str]] | None:
-  return _entries(tree)[1]
+  return _entries(tree, "fingerprint")[1]
 
 
 def _hash(base) -> str:
@@ -523,7 +523,7 @@ def restore(directory: str | os.PathLike, target: Any = None, *, opt_state: Any 
       abstract[m["key"]] = {"value": _abstract(None, m["shape"], m["dtype"])}
     entries = None
   else:
-    entries, base = _entries(target)
+    entries, base = _entries(target, "restore")
     if check_base and base is not None and meta.get("fingerprint") is not None:
       _check_base(directory, meta, base)
     _check_entries(directory, meta, entries)
