@@ -85,6 +85,12 @@ def test_trainable_count_formula(preset, rank):
   assert c.frozen == jlora.count(gemma.abstract_params(preset)).total
 
 
+def test_all_seven_projections_rank16_matches_keras():
+  # Keras: backbone.enable_lora(16, target_layer_names=["query", "key", "value",
+  # "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear"]) on gemma2_2b_en.
+  assert _lora_count("gemma2_2b_en", 16, targets="all-linear").trainable == 31_842_304
+
+
 def test_fan_layout_gives_the_standard_count():
   # A (hidden, r), B (r, heads * head_dim), as PEFT factors q_proj / v_proj.
   c = _lora_count("gemma2_2b_en", 4, layout="fan",

@@ -220,6 +220,12 @@ except ImportError as e:
   assert "pip install --no-deps" in out.stdout
 
 
+def test_keras_nlp_name_is_the_same_package():
+  keras_nlp = pytest.importorskip("keras_nlp")
+  assert keras_nlp.models.GemmaBackbone is keras_hub.models.GemmaBackbone
+  assert keras_nlp.models.GemmaCausalLM is keras_hub.models.GemmaCausalLM
+
+
 def test_errors_name_the_fix():
   with pytest.raises(ValueError, match="mode='typo' is not one of"):
     jk.apply_fn(None, mode="typo")
