@@ -36,7 +36,8 @@ def _keras_hub_gemma_presets():
   spec = importlib.util.find_spec("keras_hub")
   if spec is None or not spec.submodule_search_locations:
     pytest.skip("keras-hub is not installed (pip install --no-deps keras-hub)")
-  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "src/models/gemma/gemma_presets.py"
+  root = pathlib.Path(list(spec.submodule_search_locations)[0])
+  path = root / "src" / "models" / "gemma" / "gemma_presets.py"
   return runpy.run_path(str(path))["backbone_presets"]
 
 
