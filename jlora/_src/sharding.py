@@ -163,7 +163,7 @@ def adapter_specs(w_spec: Sequence[Any], a_axes: Sequence[int], stack: int, ndim
   Example:
     >>> from jax.sharding import PartitionSpec as P
     >>> adapter_specs(P(None, "fsdp", "tensor"), a_axes=(0,), stack=1, ndim=3)
-    (PartitionSpec(None, 'fsdp', None), PartitionSpec(None, None, 'tensor'))
+    (P(None, 'fsdp'), P(None, None, 'tensor'))
   """
   ws = _pad(w_spec, ndim)
   s, k = ws[:stack], ws[stack:]
@@ -323,7 +323,7 @@ def partition_specs(tree: Any, *, rules: Sequence[tuple[str, Any]] | None = None
     ...                    {"layers": {"q_proj": w}})
     >>> s = jlora.partition_specs(t, base={"layers": {"q_proj": P(None, "fsdp", "tensor")}})
     >>> s["layers"]["q_proj"].a, s["layers"]["q_proj"].b
-    (PartitionSpec(None, 'fsdp'), PartitionSpec(None, None, 'tensor'))
+    (P(None, 'fsdp'), P(None, None, 'tensor'))
   """
   return _Walker(rules, base, adapters).run(tree)
 
@@ -365,7 +365,7 @@ def shardings(tree: Any, mesh: Mesh | None = None, *,
     >>> t = jlora.apply({"q_proj": w}, rank=2)
     >>> sh = jlora.shardings(t)
     >>> sh["q_proj"].a.spec, sh["q_proj"].b.spec == t["q_proj"].b.sharding.spec
-    (PartitionSpec('fsdp',), True)
+    (P('fsdp',), True)
   """
   walker = _Walker(rules, base, adapters)
   specs = walker.run(tree)
@@ -412,8 +412,8 @@ def state_shardings(state: Any, tree: Any, mesh: Mesh | None = None, *,
     >>> t = jlora.apply({"q_proj": w}, rank=2)
     >>> tx = jlora.optimizer(optax.adam(1e-3))
     >>> sh = jlora.state_shardings(jax.eval_shape(tx.init, t), t)
-    >>> sh[0].inner_states["train"].inner_state[0].mu["q_proj"].a.spec
-    PartitionSpec('fsdp',)
+    >>> sh.inner_states["train"].inner_state[0].mu["q_proj"].a.spec
+    P('fsdp',)
   """
   walker = _Walker(rules, base, adapters)
   specs = walker.run(tree)
@@ -472,7 +472,7 @@ def abstract(tree: Any, shardings: Any) -> Any:
     >>> t = jlora.apply({"q_proj": jnp.ones((8, 16))}, rank=2)
     >>> target = jlora.abstract(t, jlora.shardings(t, mesh))
     >>> target["q_proj"].a.shape, target["q_proj"].a.sharding.spec
-    ((8, 2), PartitionSpec())
+    ((8, 2), P())
   """
   def f(x, s):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -502,7 +502,7 @@ def path_specs(tree: Any, rules: Sequence[tuple[str, Any]] | Mapping[str, Any]) 
     >>> params = {"layers": {"q_proj": {"kernel": jnp.ones((2, 8, 16))}},
     ...           "norm": {"scale": jnp.ones(8)}}
     >>> path_specs(params, [(r"layers/.*kernel", P(None, "fsdp", "tensor"))])
-    {'layers': {'q_proj': {'kernel': PartitionSpec(None, 'fsdp', 'tensor')}}, 'norm': {'scale': PartitionSpec()}}
+    {'layers': {'q_proj': {'kernel': P(None, 'fsdp', 'tensor')}}, 'norm': {'scale': P()}}
   """
   items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
   compiled = [(re.compile(p), s) for p, s in items]
@@ -721,7 +721,7 @@ def sharded_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransforma
     >>> state = step.init(t)
     >>> t, state, l0 = step(t, state, jnp.ones((8, 4)))
     >>> t["q_proj"].a.sharding.spec
-    PartitionSpec('fsdp',)
+    P('fsdp',)
   """
   return ShardedTrainStep(loss_fn, tx, mesh, batch_axes=batch_axes, has_aux=has_aux,
                           donate=donate, rules=rules, base=base, adapters=adapters)
