@@ -1,0 +1,268 @@
+"""jlora training throughput on a Gemma-2-2B-shaped model, one configuration per process.
+
+Usage (from the repository root):
+
+  python benchmarks/gemma2_lora_gpu.py CONFIG [--remat names] [--chunk 4096] [--steps 5]
+      [--rounds 3] [--warmup 3] [--profile --profile-out prof.jsonl] [--out results.jsonl]
+      [--tag TAG] [--tiny]
+  python benchmarks/gemma2_lora_gpu.py peak      # the bf16 matmul rate, for MFU
+
+CONFIG is one of:
+  qv4          r=4 on q_proj, v_proj (the seed's targets), factored through jlora.lora
+  all16        r=16 on all seven projections ("all-linear"), factored
+  qv4_merge    r=4 q,v, the merge path: the loss runs on jlora.merge(tree)
+  all16_merge  r=16 all-linear, merge path
+  full         full fine-tune (plain optax.adamw on the bf16 weights, no jlora)
+
+The model is benchmarks/gemma2_model.py (random init, bf16, batch 8 x 1024, the
+fused chunked cross-entropy, cuDNN flash attention without the attention-logit
+soft-cap). LoRA configurations go through the public API only:
+`jlora.apply(params, rank, targets=..., stacked=r"^layers/")`,
+`jlora.lora(loss)` and `jlora.train_step(loss, optax.adamw(...))` (which wraps
+the optimizer in `jlora.optimizer`). Each run prints one JSON row (tokens/s,
+peak device memory, MFU, compile time, XLA's memory analysis) and appends it to
+`--out`. Peak memory is the device allocator's `peak_bytes_in_use`, so run each
+configuration in its own process (benchmarks/run_gpu.sh does).
+
+MFU uses the baselines' FLOP model: 4 x (matmul parameters, tied head counted
+once) per token for LoRA (forward + activation gradients) plus attention
+3 x 4 x seq x heads x head_dim x layers; the full fine-tune row also reports
+`mfu_6n` with 6 x parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import glob
+import gzip
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jlora  # noqa: E402
+import gemma2_model as G  # noqa: E402
+
+PEAK_FLOPS = float(os.environ.get("PEAK_TFLOPS", "779")) * 1e12
+CONFIGS = {
+    "qv4": dict(rank=4, targets=None, mode="fact"),
+    "all16": dict(rank=16, targets="all-linear", mode="fact"),
+    "qv4_merge": dict(rank=4, targets=None, mode="merge"),
+    "all16_merge": dict(rank=16, targets="all-linear", mode="merge"),
+    "full": dict(rank=0, targets=None, mode="full"),
+}
+
+
+def flops_per_token(cfg: G.Gemma2Config, seq: int, full: bool = False) -> float:
+  attn = 4 * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers
+  return (6 if full else 4) * cfg.matmul_params + 3 * attn
+
+
+def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4):
+  """Returns `(step, state, trainable_count)`; `step(state, ids) -> (state, loss)`."""
+  model = G.Gemma2(cfg)
+
+  def model_loss(p, ids):
+    return model.apply({"params": p}, ids[:, :-1], ids[:, 1:])
+
+  tx = optax.adamw(lr)
+  if spec["mode"] == "full":
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def full_step(p, s, ids):
+      loss, g = jax.value_and_grad(model_loss)(p, ids)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s, loss
+
+    n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+    def step(state, ids):
+      p, s = state
+      p, s, loss = full_step(p, s, ids)
+      return (p, s), loss
+
+    return step, (params, opt_state), n, full_step
+
+  tree = jlora.apply(params, rank=spec["rank"], targets=spec["targets"], stacked=r"^layers/")
+  if spec["mode"] == "fact":
+    loss_fn = jlora.lora(model_loss)
+  else:  # the merge path: w + s*a@b formed in the step, the model sees plain weights
+    loss_fn = lambda tree, ids: model_loss(jlora.merge(tree), ids)
+  train = jlora.train_step(loss_fn, tx)
+  opt_state = train.init(tree)
+
+  def step(state, ids):
+    t, s = state
+    t, s, loss = train(t, s, ids)
+    return (t, s), loss
+
+  return step, (tree, opt_state), jlora.count(tree).trainable, train
+
+
+def measure_peak() -> dict:
+  """bf16 8192^3 matmul rate on random data (median of 20 after warm-up)."""
+  n = 8192
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), jnp.bfloat16)
+  b = jax.random.normal(k2, (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda a, b: a @ b)
+  for _ in range(5):
+    mm(a, b).block_until_ready()
+  ts = []
+  for _ in range(20):
+    t0 = time.perf_counter()
+    mm(a, b).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  dt = statistics.median(ts)
+  return dict(name="peak_bf16_matmul", tflops=round(2 * n ** 3 / dt / 1e12, 1))
+
+
+def summarize_trace(log_dir: str, top: int = 40) -> dict:
+  """Kernel time per device line and the top kernels, from the Perfetto trace."""
+  files = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not files:
+    return dict(error="no perfetto trace")
+  d = json.load(gzip.open(sorted(files)[-1]))
+  ev = d["traceEvents"] if isinstance(d, dict) else d
+  pname = {e["pid"]: e.get("args", {}).get("name", "") for e in ev
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  tname = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in ev
+           if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  device_pids = {p for p, n in pname.items() if "GPU" in n or "gpu" in n or "device" in n}
+  lines = collections.defaultdict(collections.Counter)
+  counts = collections.defaultdict(collections.Counter)
+  for e in ev:
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    p = pname.get(e.get("pid"), "")
+    if device_pids and e.get("pid") not in device_pids:
+      continue
+    line = f"{p} | {tname.get((e.get('pid'), e.get('tid')), '')}"
+    lines[line][e.get("name", "?")] += float(e["dur"])
+    counts[line][e.get("name", "?")] += 1
+  out = {"_processes": sorted(set(pname.values()))}
+  for line, c in lines.items():
+    out[line] = dict(total_us=round(sum(c.values())), events=sum(counts[line].values()),
+                     top=[(n, round(us), counts[line][n]) for n, us in c.most_common(top)])
+  return out
+
+
+def run(args) -> dict:
+  spec = CONFIGS[args.config]
+  if args.tiny:
+    cfg = G.tiny_config(remat=args.remat, loss_chunk=min(args.chunk, 16),
+                        attention=args.attention or "xla")
+    batch, seq = 2, 32
+  else:
+    cfg = G.Gemma2Config(remat=args.remat, loss_chunk=args.chunk,
+                         attention=args.attention or "cudnn")
+    batch, seq = args.batch, args.seq
+  if args.logits_f32:
+    cfg = dataclasses.replace(cfg, logits_dtype=jnp.float32)
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  params = jax.jit(G.init_params, static_argnums=0)(cfg, key)
+  ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
+  step, state, ntrain, jitted = build_step(cfg, spec, params)
+  del params
+  init_s = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  state, loss = step(state, ids)
+  loss.block_until_ready()
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup - 1):
+    state, loss = step(state, ids)
+  loss.block_until_ready()
+  rounds = []
+  for _ in range(args.rounds):
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      state, loss = step(state, ids)
+    loss.block_until_ready()
+    rounds.append((time.perf_counter() - t0) / args.steps)
+  dt = statistics.median(rounds)
+  tok_s = batch * seq / dt
+  stats = jax.devices()[0].memory_stats() or {}
+  full = spec["mode"] == "full"
+  row = dict(
+      suite="jlora", name=args.config + (f"_{args.tag}" if args.tag else ""), config=args.config,
+      mode=spec["mode"], rank=spec["rank"], remat=cfg.remat, attention=cfg.attention,
+      loss_chunk=cfg.loss_chunk, logits_dtype=jnp.dtype(cfg.logits_dtype).name,
+      batch=batch, seq=seq, trainable=int(ntrain), step_s=round(dt, 4),
+      step_s_rounds=[round(r, 4) for r in rounds], tokens_s=round(tok_s),
+      peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
+      mfu=round(tok_s * flops_per_token(cfg, seq) / PEAK_FLOPS, 3),
+      compile_s=round(compile_s, 1), init_s=round(init_s, 1), loss=round(float(loss), 4),
+      jax=jax.__version__, device=jax.devices()[0].device_kind,
+      xla_flags=os.environ.get("XLA_FLAGS", ""))
+  if full:
+    row["mfu_6n"] = round(tok_s * flops_per_token(cfg, seq, full=True) / PEAK_FLOPS, 3)
+  try:  # served from the compilation cache: the step was just compiled
+    compiled = jitted.lower(*state, ids).compile()
+    ma = compiled.memory_analysis()
+    row["xla_memory_gib"] = {k: round(getattr(ma, k + "_in_bytes") / 2 ** 30, 2)
+                             for k in ("argument_size", "output_size", "alias_size", "temp_size")}
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    row["xla_tflop_per_step"] = round(float(ca.get("flops", 0.0)) / 1e12, 2)
+  except Exception as e:  # informational only
+    row["xla_analysis_error"] = repr(e)[:200]
+  if args.profile:
+    try:
+      log_dir = f"/tmp/jlora_trace_{args.config}_{os.getpid()}"
+      jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+      for _ in range(2):
+        state, loss = step(state, ids)
+      loss.block_until_ready()
+      jax.profiler.stop_trace()
+      prof = summarize_trace(log_dir)
+    except Exception as e:  # the measurement above stands without it
+      prof = dict(error=repr(e)[:300])
+    if args.profile_out:
+      with open(args.profile_out, "a") as f:
+        f.write(json.dumps(dict(name=row["name"], step_s=row["step_s"], lines=prof)) + "\n")
+  return row
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("config", choices=sorted(CONFIGS) + ["peak"])
+  p.add_argument("--remat", default="names", choices=G.REMAT_POLICIES)
+  p.add_argument("--chunk", type=int, default=4096, help="loss tokens per chunk; 0 = full logits")
+  p.add_argument("--attention", default=None, choices=G.ATTENTIONS)
+  p.add_argument("--logits-f32", action="store_true", help="write the head matmul in float32")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=1024)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+  p.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported")
+  p.add_argument("--profile", action="store_true", help="trace 2 more steps, summarize kernels")
+  p.add_argument("--profile-out", default="", help="append the kernel summary (JSON) here")
+  p.add_argument("--tag", default="")
+  p.add_argument("--out", default="")
+  p.add_argument("--tiny", action="store_true", help="a CPU-sized model (for tests)")
+  args = p.parse_args(argv)
+  print("jax", jax.__version__, jax.devices(), flush=True)
+  row = measure_peak() if args.config == "peak" else run(args)
+  print(json.dumps(row), flush=True)
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write(json.dumps(row) + "\n")
+  return row
+
+
+if __name__ == "__main__":
+  main()

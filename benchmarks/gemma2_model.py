@@ -1,0 +1,441 @@
+"""A Gemma-2-2B-shaped Flax Linen model for jlora's GPU benchmark.
+
+The architecture is Gemma 2's: token embedding scaled by sqrt(width) and tied to
+the output; per block four RMSNorms with `(1 + scale)` (pre/post attention,
+pre/post feed-forward), grouped-query attention with rotary position
+embeddings, a GeGLU feed-forward (tanh-approximated GELU), and a final-logit
+soft-cap `cap * tanh(z / cap)`. The default `Gemma2Config` is Gemma 2 2B: 26
+blocks, width 2304, 8 query / 4 key-value heads of 256, GeGLU width 9216,
+vocabulary 256,000 (2,614,341,888 parameters).
+
+Layers are stacked for `lax.scan` (`nn.scan` over one `Block`), so every kernel
+under `layers/` has a leading axis of length `num_layers`; the projections are
+plain `nn.Dense` kernels named as in Hugging Face (`attn/q_proj`, ...,
+`mlp/down_proj`), so `jlora.apply(params, rank, stacked=r"^layers/")` adapts
+`q_proj`/`v_proj` by default and all seven projections with
+`targets="all-linear"`.
+
+Attention (`Gemma2Config.attention`):
+  * `"cudnn"`: `jax.nn.dot_product_attention(..., implementation="cudnn")`, the
+    fused flash-attention kernel, causal. Like PEFT's sdpa path it drops Gemma
+    2's attention-logit soft-cap (50); everything else is unchanged.
+  * `"xla"`: the same function through XLA (no soft-cap), for CPUs.
+  * `"softcap"`: explicit einsums with the attention-logit soft-cap, the exact
+    Gemma 2 math (slow and memory-hungry at long sequences).
+  At the benchmark's 1024 tokens Gemma 2's 4096-token sliding window on every
+  other layer masks nothing, so it is omitted.
+
+The loss (`Gemma2.__call__(ids, labels)`) is the mean next-token cross-entropy
+of the soft-capped logits. With `loss_chunk > 0` it runs through
+`softcap_cross_entropy`, which never materializes the (tokens x 256,000)
+logits: see there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REMAT_POLICIES = ("none", "names", "dots", "nothing")
+ATTENTIONS = ("cudnn", "xla", "softcap")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma2Config:
+  """Sizes and execution options of the benchmark model (defaults: Gemma 2 2B).
+
+  Attributes:
+    vocab_size: token vocabulary; the embedding is tied to the output.
+    width: model width (`hidden_size`).
+    num_layers: decoder blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention).
+    head_dim: width of one head.
+    ffw_width: width of each of the two GeGLU projections.
+    final_logit_cap: the final-logit soft-cap (None: no cap).
+    attn_logit_cap: the attention-logit soft-cap, used by `attention="softcap"` only.
+    rope_base: rotary embedding base.
+    dtype: parameter and activation dtype.
+    attention: `"cudnn"`, `"xla"` or `"softcap"` (see the module docstring).
+    remat: what the backward pass keeps of each block. `"names"`: the outputs
+      of the seven projections (after any LoRA branch is added) and the fused
+      attention kernel's outputs, everything else recomputed; `"dots"`: every
+      matmul output without batch dimensions (XLA's
+      `dots_with_no_batch_dims_saveable`, so base and LoRA-branch outputs are
+      kept apart) plus the attention kernel's outputs; `"nothing"`: only the
+      block inputs; `"none"`: no rematerialization.
+    loss_chunk: tokens per chunk of the fused cross-entropy; 0 computes the
+      full logits (the plain reference path).
+    logits_dtype: the dtype the head matmul writes (`bfloat16` by default,
+      as the baselines' `x @ E.T` in bf16 followed by a cast); the soft-cap,
+      log-sum-exp and gradient are computed in float32 either way.
+  """
+
+  vocab_size: int = 256_000
+  width: int = 2304
+  num_layers: int = 26
+  num_heads: int = 8
+  num_kv_heads: int = 4
+  head_dim: int = 256
+  ffw_width: int = 9216
+  final_logit_cap: float | None = 30.0
+  attn_logit_cap: float | None = 50.0
+  rope_base: float = 10_000.0
+  dtype: Any = jnp.bfloat16
+  attention: str = "cudnn"
+  remat: str = "names"
+  loss_chunk: int = 4096
+  logits_dtype: Any = jnp.bfloat16
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Gemma2Config: remat={self.remat!r} is not one of {REMAT_POLICIES}.")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"Gemma2Config: attention={self.attention!r} is not one of {ATTENTIONS}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"Gemma2Config: num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}.")
+
+  @property
+  def num_params(self) -> int:
+    """All parameters (the tied embedding counted once)."""
+    d, h, k, hd, f = self.width, self.num_heads, self.num_kv_heads, self.head_dim, self.ffw_width
+    block = d * (h + 2 * k) * hd + h * hd * d + 3 * d * f + 4 * d
+    return self.vocab_size * d + self.num_layers * block + d
+
+  @property
+  def matmul_params(self) -> int:
+    """Parameters that take part in matmuls (norm scales excluded; the tied head counted once)."""
+    return self.num_params - (4 * self.num_layers + 1) * self.width
+
+
+def tiny_config(**kw) -> Gemma2Config:
+  """A CPU-sized configuration with the same structure (for tests)."""
+  base = dict(vocab_size=512, width=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+              ffw_width=128, attention="xla", loss_chunk=16)
+  base.update(kw)
+  return Gemma2Config(**base)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+  """Gemma's RMSNorm: `x / rms(x) * (1 + scale)`, computed in float32."""
+
+  dtype: Any = jnp.bfloat16
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), self.dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float):
+  """`(sin, cos)` of shape `(seq_len, head_dim // 2)`, float32."""
+  half = head_dim // 2
+  freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freq[None, :]
+  return jnp.sin(ang), jnp.cos(ang)
+
+
+def apply_rope(x, sin, cos):
+  """Rotates the two halves of the last axis of `x` (batch, seq, heads, head_dim)."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  s, c = sin[None, :, None, :], cos[None, :, None, :]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _kernel_init(stddev_of_fan_in: Callable[[int], float] = lambda n: n ** -0.5):
+  def init(key, shape, dtype=jnp.float32):
+    return (jax.random.normal(key, shape, jnp.float32) * stddev_of_fan_in(shape[-2])).astype(dtype)
+  return init
+
+
+def _softcap_attention(q, k, v, cap, scale):
+  """Causal grouped-query attention with Gemma 2's attention-logit soft-cap."""
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  if cap is not None:
+    logits = cap * jnp.tanh(logits / cap)
+  mask = jnp.tril(jnp.ones((t, t), bool))
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, d)
+
+
+class Block(nn.Module):
+  """One Gemma 2 decoder block; `(x, rope) -> (x, None)` for `nn.scan`."""
+
+  cfg: Gemma2Config
+
+  def _dense(self, features, name):
+    return nn.Dense(features, use_bias=False, dtype=self.cfg.dtype, param_dtype=self.cfg.dtype,
+                    kernel_init=_kernel_init(), name=name)
+
+  @nn.compact
+  def __call__(self, x, rope):
+    c = self.cfg
+    b, t, _ = x.shape
+    sin, cos = rope
+    norm = lambda name: RMSNorm(c.dtype, name=name)
+
+    h = norm("pre_attn_norm")(x)
+    q = checkpoint_name(self._dense(c.num_heads * c.head_dim, "q_proj")(h), "q_proj")
+    k = checkpoint_name(self._dense(c.num_kv_heads * c.head_dim, "k_proj")(h), "k_proj")
+    v = checkpoint_name(self._dense(c.num_kv_heads * c.head_dim, "v_proj")(h), "v_proj")
+    q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), sin, cos)
+    k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), sin, cos)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    scale = c.head_dim ** -0.5  # Gemma 2 2B: query_pre_attn_scalar = head_dim
+    if c.attention == "softcap":
+      a = _softcap_attention(q, k, v, c.attn_logit_cap, scale)
+    else:
+      a = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                       implementation="cudnn" if c.attention == "cudnn" else None)
+    a = checkpoint_name(a.reshape(b, t, c.num_heads * c.head_dim), "attention")
+    o = checkpoint_name(self._dense(c.width, "o_proj")(a), "o_proj")
+    x = x + norm("post_attn_norm")(o)
+
+    h = norm("pre_ffw_norm")(x)
+    gate = checkpoint_name(self._dense(c.ffw_width, "gate_proj")(h), "gate_proj")
+    up = checkpoint_name(self._dense(c.ffw_width, "up_proj")(h), "up_proj")
+    m = jax.nn.gelu(gate, approximate=True) * up
+    down = checkpoint_name(self._dense(c.width, "down_proj")(m), "down_proj")
+    x = x + norm("post_ffw_norm")(down)
+    return x, None
+
+
+def _is_fused_attention(prim) -> bool:
+  return prim.name.startswith("dot_product_attention_fwd")
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy for `Gemma2Config.remat` (None for `"none"`)."""
+  if name == "none":
+    return None
+  if name == "nothing":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "dots":
+    keep = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  else:
+    keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention")
+
+  def policy(prim, *args, **params):
+    # The fused attention kernel's outputs (attention output and softmax
+    # statistics) are kept too, so its forward is not run again in the backward.
+    return _is_fused_attention(prim) or keep(prim, *args, **params)
+
+  return policy
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, want_dh,
+                 want_demb):
+  """Loss sum over token chunks and, optionally, the gradients of the mean loss.
+
+  For each chunk of tokens: `z = h_c @ emb.T` (written once in `logits_dtype`),
+  `s = cap * tanh(z / cap)` and `lse = log(sum(exp(s)))` in float32 (with the
+  cap, |s| <= cap, so no max pass is needed), the loss `lse - s[label]`, and
+  if asked `dz = (softmax(s) - onehot) * (1 - tanh^2) / n` in `h`'s dtype, then
+  `dh_c = dz @ emb` and `demb += dz.T @ h_c`.
+  """
+  n_tok, d = h.shape
+  v = emb.shape[0]
+  nc = n_tok // chunk
+  hs = h.reshape(nc, chunk, d)
+  ls = labels.reshape(nc, chunk)
+  ws = weights.reshape(nc, chunk)
+
+  def body(demb, xs):
+    hc, lc, wc = xs
+    z = jnp.einsum("cd,vd->cv", hc, emb, preferred_element_type=logits_dtype)
+    zf = z.astype(jnp.float32)
+    if cap is not None:
+      th = jnp.tanh(zf / cap)
+      s = cap * th
+      lse = jnp.log(jnp.sum(jnp.exp(s), axis=-1))
+    else:
+      s = zf
+      mx = lax.stop_gradient(jnp.max(s, axis=-1))
+      lse = mx + jnp.log(jnp.sum(jnp.exp(s - mx[:, None]), axis=-1))
+    tgt = jnp.take_along_axis(s, lc[:, None], axis=-1)[:, 0]
+    loss = jnp.sum((lse - tgt) * wc)
+    if not want_dh and not want_demb:
+      return demb, (loss, None)
+    p = jnp.exp(s - lse[:, None])
+    onehot = lax.broadcasted_iota(jnp.int32, (chunk, v), 1) == lc[:, None]
+    dz = p - onehot.astype(jnp.float32)
+    if cap is not None:
+      dz = dz * (1.0 - th * th)
+    dz = (dz * (wc * inv_n)[:, None]).astype(h.dtype)
+    dh = None
+    if want_dh:
+      dh = jnp.einsum("cv,vd->cd", dz, emb, preferred_element_type=jnp.float32).astype(h.dtype)
+    if want_demb:
+      demb = demb + jnp.einsum("cv,cd->vd", dz, hc, preferred_element_type=jnp.float32)
+    return demb, (loss, dh)
+
+  demb0 = jnp.zeros(emb.shape, jnp.float32) if want_demb else None
+  demb, (losses, dh) = lax.scan(body, demb0, (hs, ls, ws))
+  dh = None if dh is None else dh.reshape(n_tok, d)
+  return jnp.sum(losses), dh, demb
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_xent(h, emb, labels, weights, cap, chunk, logits_dtype):
+  n = jnp.maximum(jnp.sum(weights), 1.0)
+  loss, _, _ = _xent_chunks(h, emb, labels, weights, cap=cap, chunk=chunk,
+                            logits_dtype=logits_dtype, inv_n=None, want_dh=False,
+                            want_demb=False)
+  return loss / n
+
+
+def _fused_xent_fwd(h, emb, labels, weights, cap, chunk, logits_dtype):
+  hv, ev, lv, wv = h.value, emb.value, labels.value, weights.value
+  n = jnp.maximum(jnp.sum(wv), 1.0)
+  loss, dh, demb = _xent_chunks(hv, ev, lv, wv, cap=cap, chunk=chunk, logits_dtype=logits_dtype,
+                                inv_n=1.0 / n, want_dh=h.perturbed, want_demb=emb.perturbed)
+  if demb is not None:
+    demb = demb.astype(ev.dtype)
+  return loss / n, (dh, demb, None)
+
+
+def _fused_xent_bwd(cap, chunk, logits_dtype, res, ct):
+  dh, demb, _ = res
+  if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+    return None, None, None, None
+  scale = lambda x: None if x is None else (x.astype(jnp.float32) * ct).astype(x.dtype)
+  return scale(dh), scale(demb), None, None
+
+
+_fused_xent.defvjp(_fused_xent_fwd, _fused_xent_bwd, symbolic_zeros=True)
+
+
+def softcap_cross_entropy(h, emb, labels, *, cap: float | None = 30.0, chunk: int = 2048,
+                          logits_dtype=jnp.bfloat16, weights=None):
+  """Mean cross-entropy of `cap * tanh(h @ emb.T / cap)` against `labels`, fused and chunked.
+
+  Tokens are processed `chunk` at a time, and the forward pass computes the
+  gradients with respect to `h` (and `emb`, only when `emb` is differentiated)
+  as it goes (a `jax.custom_vjp`): no (tokens x vocabulary) array is kept for
+  the backward pass, nothing is recomputed, and the largest temporary is one
+  chunk of logits. The head matmuls keep their `2 * tokens * vocab * width`
+  FLOPs each: one for the logits, one for `dh`, and one more for `demb` in a
+  full fine-tune.
+
+  Args:
+    h: final hidden states, `(tokens, width)` (any leading shape is flattened).
+    emb: the tied embedding, `(vocab, width)`.
+    labels: int targets with `h`'s leading shape.
+    cap: the final-logit soft-cap (None: plain logits).
+    chunk: tokens per chunk (the token count is padded up to a multiple).
+    logits_dtype: the dtype of the logits matmul's output.
+    weights: optional per-token loss weights (default ones); the loss is
+      `sum(w * nll) / sum(w)`.
+
+  Returns:
+    The scalar float32 loss.
+  """
+  d = h.shape[-1]
+  h = h.reshape(-1, d)
+  labels = labels.reshape(-1).astype(jnp.int32)
+  n = h.shape[0]
+  w = jnp.ones((n,), jnp.float32) if weights is None else weights.reshape(-1).astype(jnp.float32)
+  chunk = max(1, min(chunk, n))
+  pad = (-n) % chunk
+  if pad:
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    labels = jnp.pad(labels, (0, pad))
+    w = jnp.pad(w, (0, pad))
+  loss = _fused_xent(h, emb, labels, w, cap, chunk, jnp.dtype(logits_dtype))
+  return loss
+
+
+def plain_cross_entropy(h, emb, labels, *, cap: float | None = 30.0, logits_dtype=jnp.bfloat16):
+  """The reference loss: full float32 logits, `log_softmax`, mean NLL."""
+  logits = jnp.einsum("...d,vd->...v", h, emb, preferred_element_type=logits_dtype)
+  logits = logits.astype(jnp.float32)
+  if cap is not None:
+    logits = cap * jnp.tanh(logits / cap)
+  lp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(lp, labels[..., None].astype(jnp.int32), axis=-1))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class Gemma2(nn.Module):
+  """The Gemma 2 decoder. `apply(v, ids)` -> soft-capped float32 logits;
+  `apply(v, ids, labels)` -> the mean next-token loss."""
+
+  cfg: Gemma2Config
+
+  @nn.compact
+  def __call__(self, ids, labels=None):
+    c = self.cfg
+    emb = self.param("embedding", _kernel_init(lambda _: c.width ** -0.5),
+                     (c.vocab_size, c.width), c.dtype)
+    x = jnp.take(emb, ids, axis=0) * jnp.asarray(math.sqrt(c.width), c.dtype)
+    rope = rope_tables(ids.shape[1], c.head_dim, c.rope_base)
+
+    block = Block
+    policy = remat_policy(c.remat)
+    if c.remat != "none":
+      block = nn.remat(Block, policy=policy, prevent_cse=False)
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=nn.broadcast, length=c.num_layers)
+    x, _ = scanned(c, name="layers")(x, rope)
+    x = RMSNorm(c.dtype, name="final_norm")(x)
+
+    if labels is None:
+      logits = jnp.einsum("btd,vd->btv", x, emb, preferred_element_type=c.logits_dtype)
+      logits = logits.astype(jnp.float32)
+      if c.final_logit_cap is not None:
+        logits = c.final_logit_cap * jnp.tanh(logits / c.final_logit_cap)
+      return logits
+    if c.loss_chunk > 0:
+      return softcap_cross_entropy(x, emb, labels, cap=c.final_logit_cap, chunk=c.loss_chunk,
+                                   logits_dtype=c.logits_dtype)
+    return plain_cross_entropy(x, emb, labels, cap=c.final_logit_cap,
+                               logits_dtype=c.logits_dtype)
+
+
+def init_params(cfg: Gemma2Config, key: jax.Array) -> dict:
+  """Random parameters with the model's structure, drawn straight from the PRNG.
+
+  Kernels ~ N(0, 1/fan_in), the embedding ~ N(0, 1/width), norm scales zero
+  (the same distributions as the modules' initializers). Cheaper to compile than
+  `model.init`, which also traces the forward pass; jit it to build on device.
+  """
+  shape_cfg = dataclasses.replace(cfg, attention="xla")  # shapes only: any attention will do
+  shapes = jax.eval_shape(lambda k: Gemma2(shape_cfg).init(k, jnp.zeros((1, 1), jnp.int32)), key)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes["params"])
+  out = []
+  for i, (path, s) in enumerate(flat):
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    k = jax.random.fold_in(key, i)
+    if name.endswith("scale"):
+      out.append(jnp.zeros(s.shape, s.dtype))
+    elif name == "embedding":
+      out.append((jax.random.normal(k, s.shape, jnp.float32) * cfg.width ** -0.5).astype(s.dtype))
+    else:
+      out.append((jax.random.normal(k, s.shape, jnp.float32) * s.shape[-2] ** -0.5).astype(s.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)

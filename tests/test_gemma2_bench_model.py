@@ -1,0 +1,78 @@
+"""The GPU benchmark's Gemma 2 model at a tiny size on CPU: forward, one jlora step, fused loss."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlora
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+import gemma2_model as G  # noqa: E402
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_default_config_is_gemma2_2b():
+  cfg = G.Gemma2Config()
+  assert cfg.num_params == 2_614_341_888
+  shapes = jax.eval_shape(lambda k: G.init_params(cfg, k), jax.random.key(0))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == cfg.num_params
+  assert shapes["layers"]["q_proj"]["kernel"].shape == (26, 2304, 2048)
+  lora = jax.eval_shape(lambda p: jlora.apply(p, rank=4, stacked=r"^layers/"), shapes)
+  assert jlora.count(lora).trainable == 26 * (2304 * 4 + 4 * 2048 + 2304 * 4 + 4 * 1024)
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+def test_fused_chunked_loss_matches_full_logits(cap):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  h = jax.random.normal(k1, (3, 14, 32), jnp.float32).astype(jnp.bfloat16)  # 42 tokens
+  emb = (jax.random.normal(k2, (300, 32)) * 0.5).astype(jnp.bfloat16)
+  labels = jax.random.randint(k3, (3, 14), 0, 300)
+  fused = lambda h, e: G.softcap_cross_entropy(h, e, labels, cap=cap, chunk=16)  # padded to 48
+  plain = lambda h, e: G.plain_cross_entropy(h, e, labels, cap=cap)
+  l1, (dh1, de1) = jax.value_and_grad(fused, (0, 1))(h, emb)
+  l0, (dh0, de0) = jax.value_and_grad(plain, (0, 1))(h, emb)
+  np.testing.assert_allclose(l1, l0, rtol=1e-3)  # logits rounded to bf16 by either path
+  assert dh1.dtype == h.dtype and de1.dtype == emb.dtype
+  assert _rel(dh1, dh0) < 1e-2 and _rel(de1, de0) < 1e-2  # bf16 gradients
+  # Only h differentiated (the frozen tied embedding of a LoRA run): the same dh.
+  np.testing.assert_array_equal(jax.grad(fused)(h, emb), dh1)
+
+
+def test_tiny_model_forward_and_one_jlora_step():
+  cfg = G.tiny_config(num_layers=2, remat="names", loss_chunk=24)  # 40 tokens: 2 chunks, padded
+  model = G.Gemma2(cfg)
+  plain = G.Gemma2(G.tiny_config(num_layers=2, loss_chunk=0))
+  ids = jax.random.randint(jax.random.key(1), (2, 21), 0, cfg.vocab_size)
+  params = jax.jit(G.init_params, static_argnums=0)(cfg, jax.random.key(0))
+
+  def model_loss(p, ids):
+    return model.apply({"params": p}, ids[:, :-1], ids[:, 1:])
+
+  @jax.jit
+  def forward(p, ids):  # one compilation for the three forward checks
+    v = {"params": p}
+    return (model.apply(v, ids[:, :-1]), model_loss(p, ids),
+            plain.apply(v, ids[:, :-1], ids[:, 1:]))
+
+  logits, l_fused, l_plain = forward(params, ids)
+  assert logits.shape == (2, 20, cfg.vocab_size) and bool(jnp.all(jnp.abs(logits) <= 30.0))
+  np.testing.assert_allclose(l_fused, l_plain, rtol=1e-3)
+
+  tree = jlora.apply(params, rank=4, targets="all-linear", stacked=r"^layers/")
+  step = jlora.train_step(jlora.lora(model_loss), optax.adamw(1e-2))
+  state = step.init(tree)
+  b_before = np.asarray(tree["layers"]["q_proj"]["kernel"].b)
+  w_before = np.asarray(tree["layers"]["down_proj"]["kernel"].w)
+  tree, state, loss = step(tree, state, ids)  # donates the old tree
+  np.testing.assert_allclose(loss, l_fused, rtol=1e-5)  # b = 0: the base model's loss
+  assert not np.allclose(tree["layers"]["q_proj"]["kernel"].b, b_before)
+  np.testing.assert_array_equal(tree["layers"]["down_proj"]["kernel"].w, w_before)
