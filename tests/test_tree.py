@@ -250,3 +250,26 @@ def test_merge_keeps_sharding():
   out = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_summary_and_count_of_split_halves():
+  t = jlora.apply({"q_proj": jnp.asarray(np.random.default_rng(0).normal(size=(6, 8)), jnp.float32),
+                   "head": jnp.ones(8)}, rank=2, trainable="head")
+  tr, fr = jlora.split(t)
+  s_tr, s_fr = jlora.summary(tr), jlora.summary(fr)
+  assert "Trainable params: 36" in s_tr and "Non-trainable params: 0" in s_tr
+  assert "Trainable params: 0" in s_fr and "Non-trainable params: 48" in s_fr
+  assert tr["q_proj"].rank == 2 and fr["q_proj"].rank is None
+  assert fr["q_proj"].dtype == jnp.float32 and tr["q_proj"].dtype == jnp.float32
+
+
+def test_all_linear_keeps_bert_output_dense_and_trainable_wins_over_preset():
+  k = jnp.ones((4, 6))
+  params = {"encoder": {"attention": {"output": {"dense": {"kernel": k}}}},
+            "lm_head": {"kernel": k}, "output": {"kernel": k},
+            "classifier": {"kernel": jnp.ones((4, 2))}}
+  t = jlora.apply(params, rank=2, targets="all-linear", trainable="^classifier/")
+  assert isinstance(t["encoder"]["attention"]["output"]["dense"]["kernel"], jlora.LoRA)
+  assert not isinstance(t["lm_head"]["kernel"], jlora.LoRA)
+  assert not isinstance(t["output"]["kernel"], jlora.LoRA)
+  assert isinstance(t["classifier"]["kernel"], jlora.Trainable)

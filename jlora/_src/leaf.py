@@ -54,7 +54,12 @@ class LoRA:
 
   @property
   def rank(self) -> int:
-    return int(_shape(self.a)[-1]) if self.a is not None else int(_shape(self.b)[self.stack])
+    """The LoRA rank (`None` on the frozen half of `jlora.split`, which has no adapters)."""
+    if self.a is not None:
+      return int(_shape(self.a)[-1])
+    if self.b is not None:
+      return int(_shape(self.b)[self.stack])
+    return None
 
   @property
   def scale(self) -> float:
@@ -80,7 +85,8 @@ class LoRA:
 
   @property
   def dtype(self):
-    return self.w.dtype
+    """The weight's dtype (the adapters' on the trainable half of `jlora.split`)."""
+    return (self.w if self.w is not None else self.a).dtype
 
   def delta(self) -> jax.Array:
     """`scale * a @ b` in the kernel's axis order (adapter dtype)."""

@@ -24,7 +24,9 @@ QV_PATTERN = r"(^|[/.])(" + "|".join(_QV_NAMES) + r")([/.]|$)"
 _BIAS_RE = re.compile(r"(^|[/.])(bias|b|[\w]*_bias|bias_[\w]*)$", re.IGNORECASE)
 _EMBED_RE = re.compile(r"(^|/)[\w.]*(embed|embedding|embeddings|wte|wpe|token_embd)[\w.]*(/|$)",
                        re.IGNORECASE)
-_HEAD_RE = re.compile(r"(^|[/.])(lm_head|output|logits)([/.]|$)")
+# The LM head: `lm_head` anywhere; `output`/`logits` only as a top-level module (GGUF
+# `output.weight`), since `attention/output/dense` in BERT is an ordinary linear layer.
+_HEAD_RE = re.compile(r"(^|[/.])lm_head([/.]|$)|^(output|logits)([/.]|$)")
 _NORM_RE = re.compile(r"(^|/)[\w.]*(norm|ln_\w*|layernorm)[\w.]*(/|$)", re.IGNORECASE)
 
 # Components that wrap a value without naming it: Flax NNX `Variable.value` and friends.

@@ -192,10 +192,15 @@ def summary(tree: Any, *, max_rows: int | None = None) -> str:
   for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
     ps = P.path_str(path)
     if isinstance(x, LoRA):
-      rows.append((ps, _fmt_shape(x.shape), str(x.w.dtype), str(x.rank),
+      rank = "" if x.rank is None else str(x.rank)
+      rows.append((ps, _fmt_shape(x.shape), str(x.dtype), rank,
                    f"{_size(x.a) + _size(x.b):,} + {_size(x.w):,} frozen"))
-      rows.append(("  .a", _fmt_shape(x.a.shape), str(x.a.dtype), "", ""))
-      rows.append(("  .b", _fmt_shape(x.b.shape), str(x.b.dtype), "", ""))
+      for name in ("a", "b"):
+        v = getattr(x, name)
+        if v is not None:
+          rows.append((f"  .{name}", _fmt_shape(v.shape), str(v.dtype), "", ""))
+    elif isinstance(x, Trainable) and x.value is None:
+      continue  # the frozen half of jlora.split: the value lives in the trainable half
     elif isinstance(x, Trainable):
       rows.append((ps, _fmt_shape(x.value.shape), str(x.value.dtype), "full",
                    f"{_size(x.value):,}"))
