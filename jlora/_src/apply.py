@@ -122,6 +122,8 @@ def apply(
       candidates.append(ps)
     is_target = targets_fn(ps, leaf, n_stack=n_stack)
     is_trainable = trainable_fn(ps, leaf)
+    if is_target and is_trainable and (targets is None or targets == "all-linear"):
+      is_target = False  # an explicit `trainable` pattern wins over a preset
     if is_target and is_trainable:
       raise ValueError(f"jlora.apply: {ps!r} matches both `targets` and `trainable`; a leaf is "
                        f"either adapted or trained in full. Narrow one of the two patterns.")
