@@ -8,17 +8,21 @@
 """
 
 from jlora._src.apply import apply
+from jlora._src.checkpoint import CheckpointManager, Restored, read_metadata, restore, save
 from jlora._src.leaf import LoRA, Trainable, is_lora
 from jlora._src.optim import TrainStep, optimizer, train_step
+from jlora._src.peft import export_merged, export_peft, import_peft, llama_key_map
 from jlora._src.transform import MaterializeWarning, lora
 from jlora._src.tree import Count, Split, base, combine, count, merge, split, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "Count",
     "LoRA",
     "MaterializeWarning",
+    "Restored",
     "Split",
     "TrainStep",
     "Trainable",
@@ -26,10 +30,17 @@ __all__ = [
     "base",
     "combine",
     "count",
+    "export_merged",
+    "export_peft",
+    "import_peft",
     "is_lora",
+    "llama_key_map",
     "lora",
     "merge",
     "optimizer",
+    "read_metadata",
+    "restore",
+    "save",
     "split",
     "summary",
     "train_step",

