@@ -76,6 +76,9 @@ class Gemma2Config:
       block inputs; `"none"`: no rematerialization.
     loss_chunk: tokens per chunk of the fused cross-entropy; 0 computes the
       full logits (the plain reference path).
+    scan_layers: run the blocks with `nn.scan` (one `lax.scan`); False runs
+      a Python loop over the same stacked parameters (sliced per layer,
+      unrolled in the compiled program). Both give identical parameter trees.
     logits_dtype: the dtype the head matmul writes (`bfloat16` by default,
       as the baselines' `x @ E.T` in bf16 followed by a cast); the soft-cap,
       log-sum-exp and gradient are computed in float32 either way.
@@ -96,6 +99,7 @@ class Gemma2Config:
   remat: str = "names"
   loss_chunk: int = 4096
   logits_dtype: Any = jnp.bfloat16
+  scan_layers: bool = True
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -396,13 +400,25 @@ class Gemma2(nn.Module):
     x = jnp.take(emb, ids, axis=0) * jnp.asarray(math.sqrt(c.width), c.dtype)
     rope = rope_tables(ids.shape[1], c.head_dim, c.rope_base)
 
-    block = Block
     policy = remat_policy(c.remat)
-    if c.remat != "none":
-      block = nn.remat(Block, policy=policy, prevent_cse=False)
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=nn.broadcast, length=c.num_layers)
-    x, _ = scanned(c, name="layers")(x, rope)
+    if c.scan_layers:
+      block = Block
+      if c.remat != "none":
+        block = nn.remat(Block, policy=policy, prevent_cse=False)
+      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=nn.broadcast, length=c.num_layers)
+      x, _ = scanned(c, name="layers")(x, rope)
+    else:
+      stacked = self.param("layers", functools.partial(_init_stacked, c))
+
+      def block(p, x):
+        return Block(c).apply({"params": p}, x, rope)[0]
+
+      if c.remat != "none":
+        block = jax.checkpoint(block, policy=policy, prevent_cse=True)
+      for i in range(c.num_layers):
+        layer = jax.tree.map(lambda w: lax.index_in_dim(w, i, 0, keepdims=False), stacked)
+        x = block(layer, x)
     x = RMSNorm(c.dtype, name="final_norm")(x)
 
     if labels is None:
@@ -416,6 +432,15 @@ class Gemma2(nn.Module):
                                    logits_dtype=c.logits_dtype)
     return plain_cross_entropy(x, emb, labels, cap=c.final_logit_cap,
                                logits_dtype=c.logits_dtype)
+
+
+def _init_stacked(cfg: Gemma2Config, key: jax.Array) -> dict:
+  """The parameters of `num_layers` blocks stacked on a leading axis (as `nn.scan` makes them)."""
+  shape_cfg = dataclasses.replace(cfg, attention="xla")
+  x = jnp.zeros((1, 1, cfg.width), cfg.dtype)
+  rope = rope_tables(1, cfg.head_dim, cfg.rope_base)
+  init_one = lambda k: Block(shape_cfg).init(k, x, rope)["params"]
+  return jax.vmap(init_one)(jax.random.split(key, cfg.num_layers))
 
 
 def init_params(cfg: Gemma2Config, key: jax.Array) -> dict:

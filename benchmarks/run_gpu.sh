@@ -6,6 +6,7 @@
 #   bash benchmarks/run_gpu.sh jlora       # matmul peak, jlora configs, hand-written JAX baseline
 #   bash benchmarks/run_gpu.sh baselines   # PEFT (torch.compile + sdpa), keras-hub, jlora re-run
 #   bash benchmarks/run_gpu.sh all         # both, one after the other
+#   bash benchmarks/run_gpu.sh loop        # jlora with the blocks in a Python loop (jax 0.11)
 #
 # Expects the baseline scripts in .bench/ (a copy of ../shared/bench) and, for keras-hub,
 # the keras / keras-hub / namex / optree wheels in .whl/ (installed into /tmp/site).
@@ -94,16 +95,16 @@ phase_jlora() {
   echo "### $(date -u) $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null)" | tee -a "$LOG"
   "$PY" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)' 2>&1 | tee -a "$LOG"
   job 30 120 jlora peak $J peak
-  job 80 240 jlora qv4_names $J qv4 --remat names --profile --profile-out "$PROF"
-  job 80 240 jlora all16_names $J all16 --remat names --profile --profile-out "$PROF"
+  job 80 240 jlora qv4_names $J qv4 --layers scan --remat names --profile --profile-out "$PROF"
+  job 80 240 jlora all16_names $J all16 --layers scan --remat names --profile --profile-out "$PROF"
   job 70 240 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
   job 70 240 handwritten hw_all16_fact env REMAT=dots $HW all16_fact
-  job 70 200 jlora qv4_dots $J qv4 --remat dots --tag dots
-  job 70 200 jlora all16_dots $J all16 --remat dots --tag dots
-  job 70 200 jlora full $J full --remat names
-  job 70 200 jlora qv4_merge $J qv4_merge --remat names
-  job 70 200 jlora qv4_plainloss $J qv4 --remat names --chunk 0 --tag plainloss
-  job 70 200 jlora qv4_chunk2048 $J qv4 --remat names --chunk 2048 --tag chunk2048
+  job 70 200 jlora qv4_dots $J qv4 --layers scan --remat dots --tag dots
+  job 70 200 jlora all16_dots $J all16 --layers scan --remat dots --tag dots
+  job 70 200 jlora full $J full --layers scan --remat names
+  job 70 200 jlora qv4_merge $J qv4_merge --layers scan --remat names
+  job 70 200 jlora qv4_plainloss $J qv4 --layers scan --remat names --chunk 0 --tag plainloss
+  job 70 200 jlora qv4_chunk2048 $J qv4 --layers scan --remat names --chunk 2048 --tag chunk2048
 }
 
 phase_baselines() {
@@ -122,9 +123,28 @@ phase_baselines() {
   job 60 200 jlora all16_rerun $J all16 --remat "$ra" --tag "rerun_$ra"
 }
 
+# jlora with the blocks in a Python loop over the stacked weights (jax 0.11 changed the scan
+# primitive's parameters, which jlora.lora's scan rule reads), next to the hand-written anchor
+# and keras-hub.
+phase_loop() {
+  job 30 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
+  job 100 200 jlora qv4_loop $J qv4 --layers loop --remat names --tag loop --profile --profile-out "$PROF"
+  job 100 200 jlora all16_loop $J all16 --layers loop --remat names --tag loop --profile --profile-out "$PROF"
+  job 25 120 handwritten hw_all16_fact env REMAT=dots $HW all16_fact
+  job 90 180 jlora qv4_loop_dots $J qv4 --layers loop --remat dots --tag loop_dots
+  job 90 180 jlora all16_loop_dots $J all16 --layers loop --remat dots --tag loop_dots
+  local KE="env PYTHONPATH=/tmp/site KERAS_BACKEND=jax $PY .bench/keras_gemma2_bench.py"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  job 50 100 keras keras_qv4 $KE qv4
+  job 60 100 keras keras_all16 $KE all16
+  job 20 60 jlora peak $J peak
+}
+
 case "$PHASE" in
   jlora) phase_jlora ;;
   baselines) phase_baselines ;;
+  loop) phase_loop ;;
   all) BUDGET=${BUDGET_ALL:-100000}; phase_jlora; phase_baselines ;;
   *) echo "usage: $0 jlora|baselines|all" >&2; exit 2 ;;
 esac
