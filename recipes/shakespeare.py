@@ -16,8 +16,9 @@ What it does:
    differentiated), running the model with `jlora.lora(model.apply)` so the
    adapters stay factored (`--merge`: fold them in with `jlora.merge` instead);
 5. reports held-out Hamlet NLL/token and greedy samples before and after, a
-   loss-curve PNG, and saves the adapter (the trainable half of the tree) with
-   orbax, then restores it and checks the logits are identical.
+   loss-curve PNG, and saves the adapter (only the adapters, with the Adam
+   state and the step) with `jlora.save`, then restores it with
+   `jlora.restore` and checks the logits are identical.
 
 Batches are a pure function of `(--seed, step)` (`recipes.data.Batches`).
 Outputs go to `--out` (default `runs/shakespeare`).
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -83,25 +83,15 @@ def make_forward(model, use_merge: bool):
   return lambda tree, toks: factored({"params": tree}, toks)
 
 
-def save_adapter(path: Path, tree) -> None:
-  """Saves the trainable half (`jlora.split(tree).trainable`) with orbax."""
-  import orbax.checkpoint as ocp
-  path = path.resolve()
-  if path.exists():
-    shutil.rmtree(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, jlora.split(tree).trainable)
-    ckptr.wait_until_finished()
+def save_adapter(path: Path, tree, opt_state=None, step: int | None = None) -> None:
+  """Saves the adapters (never the frozen weights) and the optimizer state with `jlora.save`."""
+  jlora.save(path, tree, opt_state=opt_state, step=step, overwrite=True,
+             metadata={"model": "SmolLM2-135M-Instruct Q4_1", "recipe": "recipes.shakespeare"})
 
 
 def restore_adapter(path: Path, tree):
-  """Restores an adapter saved by `save_adapter` into `tree`'s frozen half."""
-  import orbax.checkpoint as ocp
-  trainable, frozen = jlora.split(tree)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable)
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(path.resolve(), abstract)
-  return jlora.combine(restored, frozen)
+  """The adapters saved by `save_adapter`, restored into `tree` (its frozen half is kept)."""
+  return jlora.restore(path, tree).tree
 
 
 def samples(model, tree, tok, n_tokens: int) -> list[str]:
@@ -208,7 +198,7 @@ def main(argv=None) -> dict:
   frozen_same = all(np.array_equal(a, b) for a, b in zip(frozen_before, frozen_after))
 
   adapter_dir = out / "adapter"
-  save_adapter(adapter_dir, tree)
+  save_adapter(adapter_dir, tree, opt_state, step=args.steps)
   restored = restore_adapter(adapter_dir, tree)
   fwd = jax.jit(forward)
   same_logits = bool(np.array_equal(np.asarray(fwd(tree, eval_batch[:2])),

@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-len", type=int, default=64, help="tokens per tweet (default 64)")
   p.add_argument("--steps", type=int, default=120, help="LoRA steps (default 120)")
   p.add_argument("--batch-size", type=int, default=32, help="tweets per step (default 32)")
-  p.add_argument("--lr", type=float, default=1e-3, help="LoRA Adam learning rate")
+  p.add_argument("--lr", type=float, default=5e-3, help="LoRA Adam learning rate (default 5e-3)")
   p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
   p.add_argument("--head-steps", type=int, default=500,
                  help="full-batch Adam steps of the baseline head (default 500)")

@@ -1,0 +1,67 @@
+"""The recipes end to end in short configurations, on the real model and data."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from recipes import shakespeare, tweets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fresh_copy(smollm2):
+  """from_gguf stand-in: a copy of the session's weights (the train step donates its tree)."""
+  def load(path=None, **overrides):
+    config = dataclasses.replace(smollm2.config, **overrides)
+    return config, jax.tree.map(jnp.copy, smollm2.params)
+  return load
+
+
+def test_shakespeare_lora_lowers_held_out_hamlet_nll(smollm2, tmp_path, monkeypatch):
+  monkeypatch.setattr(shakespeare.llama, "from_gguf", _fresh_copy(smollm2))
+  monkeypatch.setattr(shakespeare.llama, "tokenizer_from_gguf", lambda path=None: smollm2.tokenizer)
+  r = shakespeare.main(["--steps", "20", "--batch-size", "4", "--seq-len", "64", "--lr", "3e-3",
+                        "--eval-windows", "6", "--sample-tokens", "6", "--no-progress",
+                        "--out", str(tmp_path)])
+  assert r["nll_before"] - r["nll_after"] >= 0.2, (r["nll_before"], r["nll_after"])
+  assert r["frozen_unchanged"] and r["restored_logits_identical"]
+  assert len(r["losses"]) == 20 and len(r["samples_after"]) == len(shakespeare.PROMPTS)
+  assert r["trainable_params"] == 460_800
+  assert (tmp_path / "loss.png").stat().st_size > 10_000
+  assert any((tmp_path / "adapter").iterdir())
+  assert json.loads((tmp_path / "metrics.json").read_text())["nll_after"] == r["nll_after"]
+
+
+def test_shakespeare_flags():
+  a = shakespeare.parse_args([])
+  assert (a.rank, a.targets, a.merge, a.steps) == (8, None, False, 40)
+  assert shakespeare.parse_args(["--merge", "--remat"]).remat
+
+
+def test_tweets_lora_beats_frozen_encoder(tmp_path):
+  r = tweets.main(["--n-train", "480", "--n-test", "400", "--max-len", "40", "--steps", "40",
+                   "--lr", "1e-2", "--no-progress", "--out", str(tmp_path)])
+  assert r["lora_accuracy"] > r["baseline_accuracy"] + 0.01, r
+  assert r["baseline_accuracy"] > 0.7  # the frozen encoder is already a decent baseline
+
+
+@pytest.mark.skipif(os.environ.get("JLORA_NOTEBOOKS") != "1",
+                    reason="runs colab/shakespeare_lora.ipynb (~1-2 min); set JLORA_NOTEBOOKS=1")
+def test_colab_notebook_short_configuration(monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  monkeypatch.setenv("JLORA_NB_SMALL", "1")
+  monkeypatch.setenv("PYTHONPATH", str(REPO))
+  nb = nbformat.read(REPO / "colab" / "shakespeare_lora.ipynb", as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(REPO)}}).execute()
+  text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs)
+  assert "Paris" in text
+  assert "Trainable params: 460,800" in text
+  assert "restored logits identical: True; frozen weights unchanged: True" in text
