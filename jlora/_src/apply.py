@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._src import paths as P
+from jlora._src import sharding as S
 from jlora._src.leaf import LoRA, Trainable, is_node
 
 LAYOUTS = ("keras", "fan")
@@ -252,6 +253,13 @@ def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, i
   al = float(r if al is None else al)
   k = _path_key(key, ps)
   a_shape = stack_shape + a_dims + (r,)
+  b_shape = stack_shape + (r,) + b_dims
+  # A weight sharded on a mesh: the adapters are created sharded after it (jlora.shardings).
+  lim = math.sqrt(6.0 / fan_in) if init == "he_uniform" else 1.0 / r
+  placed = S.init_adapters_like(leaf, k, a_shape, b_shape, dtype, init, lim, a_axes, n_stack)
+  if placed is not None:
+    a, b = placed
+    return LoRA(w=leaf, a=a, b=b, alpha=al, a_axes=a_axes, stack=n_stack, rslora=rslora)
   if init == "he_uniform":
     lim = math.sqrt(6.0 / fan_in)
     a = jax.random.uniform(k, a_shape, dtype, -lim, lim)
