@@ -7,8 +7,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import jlora
 from recipes import shakespeare, tweets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,3 +67,19 @@ def test_colab_notebook_short_configuration(monkeypatch):
   assert "Paris" in text
   assert "Trainable params: 460,800" in text
   assert "restored logits identical: True; frozen weights unchanged: True" in text
+
+
+def test_factored_and_merged_forward_agree():
+  from jlora.models import llama
+  cfg = llama.LlamaConfig.tiny()
+  model = llama.Llama(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+  tree = jlora.apply(model.init(jax.random.key(1), tokens)["params"], rank=4,
+                     stacked=r"^layers/")
+  t, f = jlora.split(tree)
+  tree = jlora.combine(jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape),
+                                    t), f)
+  merged = jax.jit(shakespeare.make_forward(model, True))(tree, tokens)
+  factored = jax.jit(shakespeare.make_forward(model, False))(tree, tokens)
+  assert float(jnp.abs(merged).max()) > 0
+  np.testing.assert_allclose(np.asarray(factored), np.asarray(merged), rtol=1e-4, atol=1e-4)
