@@ -494,19 +494,17 @@ def _conv(ctx, eqn, invals):
 
 @_rule("pjit", "jit", "closed_call", "core_call")
 def _inline(ctx, eqn, invals):
-  cj = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-  if isinstance(cj, jex.core.ClosedJaxpr):
-    return _eval(ctx, cj.jaxpr, cj.consts, invals)
-  return _eval(ctx, cj, [], invals)
+  jaxpr, consts = _open(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
+  return _eval(ctx, jaxpr, consts, invals)
 
 
 @_rule("remat2", "checkpoint", "remat")
 def _remat(ctx, eqn, invals):
-  jaxpr = eqn.params["jaxpr"]
+  jaxpr, consts = _open(eqn.params["jaxpr"])
   name = eqn.primitive.name
 
   def f(*args):
-    return _materialize_all(ctx, _eval(ctx, jaxpr, [], list(args)), f"output of {name}")
+    return _materialize_all(ctx, _eval(ctx, jaxpr, consts, list(args)), f"output of {name}")
 
   return jax.checkpoint(f, prevent_cse=eqn.params.get("prevent_cse", True),
                         policy=eqn.params.get("policy"))(*invals)
@@ -518,25 +516,41 @@ def _cond(ctx, eqn, invals):
   branches = eqn.params["branches"]
 
   def mk(br):
-    return lambda *o: _materialize_all(ctx, _eval(ctx, br.jaxpr, br.consts, list(o)),
-                                       "output of cond")
+    j, c = _open(br)
+    return lambda *o: _materialize_all(ctx, _eval(ctx, j, c, list(o)), "output of cond")
 
   return lax.switch(index, [mk(br) for br in branches], *ops)
+
+
+def _open(j):
+  """`(jaxpr, consts)` of a ClosedJaxpr, or of a Jaxpr (which carries consts on newer JAX)."""
+  if isinstance(j, jex.core.ClosedJaxpr):
+    return j.jaxpr, list(j.consts)
+  return j, list(getattr(j, "consts", ()) or ())
+
+
+def _scan_operands(p, invals):
+  """(consts, carry, xs) of a scan equation, across JAX's two parameter conventions."""
+  if "num_consts" in p:
+    nc, nk = p["num_consts"], p["num_carry"]
+    return invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+  consts, carry, xs = p["ft_in"].update(list(invals)).unpack()  # JAX >= 0.11
+  return list(consts), list(carry), list(xs)
 
 
 @_rule("scan")
 def _scan(ctx, eqn, invals):
   p = eqn.params
-  nc, nk = p["num_consts"], p["num_carry"]
-  consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+  consts, init, xs = _scan_operands(p, invals)
+  nk = len(init)
   init = _materialize_all(ctx, init, "scan carry")
   xs = [ctx.materialize(x, "scan over a kernel axis") if _is_lv(x) and x.stack == 0 else x
         for x in xs]
-  body = p["jaxpr"]
+  body, body_consts = _open(p["jaxpr"])
 
   def step(carry, x):
     x = [v.replace(stack=v.stack - 1) if _is_lv(v) else v for v in x]
-    outs = _materialize_all(ctx, _eval(ctx, body.jaxpr, body.consts, [*consts, *carry, *x]),
+    outs = _materialize_all(ctx, _eval(ctx, body, body_consts, [*consts, *carry, *x]),
                             "output of scan")
     return outs[:nk], outs[nk:]
 
@@ -551,13 +565,12 @@ def _while(ctx, eqn, invals):
   cn, bn = p["cond_nconsts"], p["body_nconsts"]
   cc, bc, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
   init = _materialize_all(ctx, init, "while_loop carry")
-  cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+  (cj, cjc), (bj, bjc) = _open(p["cond_jaxpr"]), _open(p["body_jaxpr"])
 
   def cond_fun(c):
-    return _eval(ctx, cj.jaxpr, cj.consts, [*cc, *c])[0]
+    return _eval(ctx, cj, cjc, [*cc, *c])[0]
 
   def body_fun(c):
-    return _materialize_all(ctx, _eval(ctx, bj.jaxpr, bj.consts, [*bc, *c]),
-                            "output of while_loop")
+    return _materialize_all(ctx, _eval(ctx, bj, bjc, [*bc, *c]), "output of while_loop")
 
   return lax.while_loop(cond_fun, body_fun, list(init))
