@@ -12,6 +12,15 @@ from jlora._src.checkpoint import CheckpointManager, Restored, read_metadata, re
 from jlora._src.leaf import LoRA, Trainable, is_lora
 from jlora._src.optim import TrainStep, optimizer, train_step
 from jlora._src.peft import export_merged, export_peft, import_peft, llama_key_map
+from jlora._src.sharding import (
+    ShardedTrainStep,
+    abstract,
+    partition_specs,
+    path_specs,
+    sharded_train_step,
+    shardings,
+    state_shardings,
+)
 from jlora._src.transform import MaterializeWarning, lora
 from jlora._src.tree import Count, Split, base, combine, count, merge, split, summary
 
@@ -23,9 +32,11 @@ __all__ = [
     "LoRA",
     "MaterializeWarning",
     "Restored",
+    "ShardedTrainStep",
     "Split",
     "TrainStep",
     "Trainable",
+    "abstract",
     "apply",
     "base",
     "combine",
@@ -38,10 +49,15 @@ __all__ = [
     "lora",
     "merge",
     "optimizer",
+    "partition_specs",
+    "path_specs",
     "read_metadata",
     "restore",
     "save",
+    "sharded_train_step",
+    "shardings",
     "split",
+    "state_shardings",
     "summary",
     "train_step",
 ]

@@ -17,6 +17,10 @@ MODULES = [
     "jlora._src.apply",
     "jlora._src.tree",
     "jlora._src.optim",
+    "jlora._src.transform",
+    "jlora._src.sharding",
+    "jlora._src.checkpoint",
+    "jlora._src.peft",
 ]
 
 
