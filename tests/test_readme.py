@@ -4,7 +4,7 @@ How: README.md is cut into sections at its `## ` headings. Within a section,
 every ```python block runs in order in one namespace (a fresh namespace per
 section, so each section is self-contained); the section's printed output is
 captured, and every line of each ```text block in that section must appear in
-it. ```bash blocks are not run.
+it. ```bash blocks are not run. Each section runs in a fresh temporary directory.
 """
 
 import contextlib
@@ -39,7 +39,8 @@ def test_readme_has_examples():
 
 
 @pytest.mark.parametrize("blocks", SECTIONS)
-def test_readme_section(blocks):
+def test_readme_section(blocks, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # examples that write files write them here
   namespace = {"__name__": "readme"}
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
