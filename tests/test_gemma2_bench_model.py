@@ -32,25 +32,27 @@ def test_default_config_is_gemma2_2b():
 
 @pytest.mark.parametrize("cap", [30.0, None])
 def test_fused_chunked_loss_matches_full_logits(cap):
+  """Loss and gradients (h and the embedding) equal the plain full-logit path."""
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   h = jax.random.normal(k1, (3, 14, 32), jnp.float32).astype(jnp.bfloat16)  # 42 tokens
   emb = (jax.random.normal(k2, (300, 32)) * 0.5).astype(jnp.bfloat16)
   labels = jax.random.randint(k3, (3, 14), 0, 300)
   fused = lambda h, e: G.softcap_cross_entropy(h, e, labels, cap=cap, chunk=16)  # padded to 48
   plain = lambda h, e: G.plain_cross_entropy(h, e, labels, cap=cap)
-  l1, (dh1, de1) = jax.value_and_grad(fused, (0, 1))(h, emb)
-  l0, (dh0, de0) = jax.value_and_grad(plain, (0, 1))(h, emb)
+  l1, (dh1, de1) = jax.jit(jax.value_and_grad(fused, (0, 1)))(h, emb)
+  l0, (dh0, de0) = jax.jit(jax.value_and_grad(plain, (0, 1)))(h, emb)
   np.testing.assert_allclose(l1, l0, rtol=1e-3)  # logits rounded to bf16 by either path
   assert dh1.dtype == h.dtype and de1.dtype == emb.dtype
   assert _rel(dh1, dh0) < 1e-2 and _rel(de1, de0) < 1e-2  # bf16 gradients
   # Only h differentiated (the frozen tied embedding of a LoRA run): the same dh.
-  np.testing.assert_array_equal(jax.grad(fused)(h, emb), dh1)
+  np.testing.assert_array_equal(jax.jit(jax.grad(fused))(h, emb), dh1)
 
 
 def test_tiny_model_forward_and_one_jlora_step():
-  cfg = G.tiny_config(num_layers=2, remat="names", loss_chunk=24)  # 40 tokens: 2 chunks, padded
+  """The benchmark's path (layers in a loop, remat names, fused loss) forward and one step."""
+  cfg = G.tiny_config(num_layers=2, remat="names", loss_chunk=24, scan_layers=False, width=32,
+                      ffw_width=64, vocab_size=256)  # 40 tokens: 2 chunks, padded
   model = G.Gemma2(cfg)
-  plain = G.Gemma2(G.tiny_config(num_layers=2, loss_chunk=0))
   ids = jax.random.randint(jax.random.key(1), (2, 21), 0, cfg.vocab_size)
   params = jax.jit(G.init_params, static_argnums=0)(cfg, jax.random.key(0))
 
@@ -58,21 +60,22 @@ def test_tiny_model_forward_and_one_jlora_step():
     return model.apply({"params": p}, ids[:, :-1], ids[:, 1:])
 
   @jax.jit
-  def forward(p, ids):  # one compilation for the three forward checks
-    v = {"params": p}
-    return (model.apply(v, ids[:, :-1]), model_loss(p, ids),
-            plain.apply(v, ids[:, :-1], ids[:, 1:]))
+  def forward(p, ids):  # one compilation: logits and the fused loss
+    logits = model.apply({"params": p}, ids[:, :-1])
+    plain = G.plain_cross_entropy(logits, jnp.eye(cfg.vocab_size, dtype=jnp.float32), ids[:, 1:],
+                                  cap=None, logits_dtype=jnp.float32)  # NLL of these logits
+    return logits, model_loss(p, ids), plain
 
   logits, l_fused, l_plain = forward(params, ids)
   assert logits.shape == (2, 20, cfg.vocab_size) and bool(jnp.all(jnp.abs(logits) <= 30.0))
   np.testing.assert_allclose(l_fused, l_plain, rtol=1e-3)
 
-  tree = jlora.apply(params, rank=4, targets="all-linear", stacked=r"^layers/")
-  step = jlora.train_step(jlora.lora(model_loss), optax.adamw(1e-2))
+  tree = jlora.apply(params, rank=4, stacked=r"^layers/")  # q_proj, v_proj
+  step = jlora.train_step(jlora.lora(model_loss, strict=True), optax.adamw(1e-2))
   state = step.init(tree)
-  b_before = np.asarray(tree["layers"]["q_proj"]["kernel"].b)
-  w_before = np.asarray(tree["layers"]["down_proj"]["kernel"].w)
+  b_before = np.asarray(tree["layers"]["v_proj"]["kernel"].b)
+  w_before = np.asarray(tree["layers"]["v_proj"]["kernel"].w)
   tree, state, loss = step(tree, state, ids)  # donates the old tree
   np.testing.assert_allclose(loss, l_fused, rtol=1e-5)  # b = 0: the base model's loss
-  assert not np.allclose(tree["layers"]["q_proj"]["kernel"].b, b_before)
-  np.testing.assert_array_equal(tree["layers"]["down_proj"]["kernel"].w, w_before)
+  assert not np.allclose(tree["layers"]["v_proj"]["kernel"].b, b_before)
+  np.testing.assert_array_equal(tree["layers"]["v_proj"]["kernel"].w, w_before)  # frozen
