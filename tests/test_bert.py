@@ -132,4 +132,5 @@ def test_minilm_sentence_similarity(minilm):
   sim = e @ e.T
   assert abs(sim[0, 1] - 0.755) < 0.01, sim[0, 1]  # all-MiniLM-L6-v2's known score
   assert sim[0, 1] > sim[0, 3] > sim[0, 2]
-  assert sum(x.size for x in jax.tree.leaves(minilm.params)) == 22_565_376  # 22.7M less the unused pooler
+  # 22.7M less the unused pooler.
+  assert sum(x.size for x in jax.tree.leaves(minilm.params)) == 22_565_376

@@ -192,7 +192,8 @@ def test_doctests():
 
 def test_smollm2_config_and_tree(smollm2):
   c = smollm2.config
-  assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (30, 576, 9, 3, 64)
+  shape = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim)
+  assert shape == (30, 576, 9, 3, 64)
   assert c.tie_word_embeddings and "lm_head" not in smollm2.params
   assert sum(x.size for x in jax.tree.leaves(smollm2.params)) == 134_515_008
   assert smollm2.params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (30, 576, 192)

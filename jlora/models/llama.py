@@ -27,13 +27,13 @@ size `hd`, MLP width `F`, vocabulary `V`); every kernel is `(in, out)`::
 Hugging Face key map (exact; `to_hf_state_dict` and `from_safetensors` use it).
 HF weights are torch `(out, in)`, so every kernel slice is the transpose::
 
-    model.embed_tokens.weight                          == embed_tokens/embedding
-    model.layers.{i}.input_layernorm.weight            == layers/input_layernorm/scale[i]
-    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight   == layers/self_attn/{q,k,v,o}_proj/kernel[i].T
-    model.layers.{i}.post_attention_layernorm.weight   == layers/post_attention_layernorm/scale[i]
-    model.layers.{i}.mlp.{gate,up,down}_proj.weight    == layers/mlp/{gate,up,down}_proj/kernel[i].T
-    model.norm.weight                                  == norm/scale
-    lm_head.weight                                     == lm_head/kernel.T  (untied only)
+    model.embed_tokens.weight                         == embed_tokens/embedding
+    model.layers.{i}.input_layernorm.weight           == layers/input_layernorm/scale[i]
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight  == layers/self_attn/{q,k,v,o}_proj/kernel[i].T
+    model.layers.{i}.post_attention_layernorm.weight  == layers/post_attention_layernorm/scale[i]
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight   == layers/mlp/{gate,up,down}_proj/kernel[i].T
+    model.norm.weight                                 == norm/scale
+    lm_head.weight                                    == lm_head/kernel.T  (untied only)
 
 The attention layout is the Hugging Face one: within `q_proj`/`k_proj` the
 output features are head-major, and each head's `hd` features are the two
