@@ -403,6 +403,27 @@ def _dot_output_sizes(jaxpr, out):
   return out
 
 
+def _max_intermediate(jaxpr, best=0):
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      best = _max_intermediate(sub, best)
+  return best
+
+
+def test_factored_matmuls_are_two_skinny_matmuls():
+  """x·A then ·B: no intermediate larger than the activations (e.g. no tokens×in×rank)."""
+  w = jax.random.normal(jax.random.key(20), (32, 48))
+  t = randomize_b(jlora.apply({"q_proj": w}, rank=8))
+  x = jax.random.normal(jax.random.key(21), (64, 32))
+  trainable, frozen = jlora.split(t)
+  loss = lambda tr: jnp.sum(jlora.lora(lambda p, x: x @ p["q_proj"])(jlora.combine(tr, frozen),
+                                                                     x) ** 2)
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(trainable).jaxpr
+  assert _max_intermediate(jaxpr) <= 64 * 48  # the output y; x⊗A would be 64·32·8
+
+
 def test_backward_never_forms_a_full_weight_gradient():
   """The gradient jaxpr of a factored loss has no dot_general of a targeted W's size."""
   m = MLP()

@@ -286,8 +286,9 @@ def _dot_general(ctx, eqn, invals):
   a_lab = w_lab[:s] + [w_lab[s + i] for i in lv.a_axes] + ["r"]
   b_lab = w_lab[:s] + ["r"] + [w_lab[s + i] for i in lv.b_axes]
   contracted = {w_lab[i] for i in wc}
+  # T = x·A: x's axes minus those contracted with A, then A's own axes (rank, free A axes)
   t_lab = [l for l in x_lab if not (l in contracted and l in a_lab)]
-  t_lab += [l for l in a_lab if l not in t_lab]
+  t_lab += [l for l in a_lab if l not in x_lab]
   cdt = lv.w.dtype
   pet = params.get("preferred_element_type")
   prec = params.get("precision")
