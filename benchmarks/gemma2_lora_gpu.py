@@ -247,8 +247,8 @@ def main(argv=None):
   p.add_argument("--remat", default="names", choices=G.REMAT_POLICIES)
   p.add_argument("--chunk", type=int, default=4096, help="loss tokens per chunk; 0 = full logits")
   p.add_argument("--attention", default=None, choices=G.ATTENTIONS)
-  p.add_argument("--layers", default="loop", choices=("loop", "scan"),
-                 help="run the stacked blocks in a Python loop (default) or one lax.scan")
+  p.add_argument("--layers", default="scan", choices=("loop", "scan"),
+                 help="run the stacked blocks in one lax.scan (default) or a Python loop")
   p.add_argument("--logits-f32", action="store_true", help="write the head matmul in float32")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=1024)
