@@ -233,8 +233,6 @@ def test_errors_name_the_fix():
     jk.params(keras.layers.Dense(3))
 
 
-@pytest.mark.skipif(os.environ.get("JLORA_NOTEBOOKS") != "1",
-                    reason="runs colab/gemma_lora.ipynb (~30-60 s); set JLORA_NOTEBOOKS=1")
 def test_colab_notebook_small_configuration(monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

@@ -52,8 +52,6 @@ def test_tweets_lora_beats_frozen_encoder(tmp_path):
   assert r["baseline_accuracy"] > 0.7  # the frozen encoder is already a decent baseline
 
 
-@pytest.mark.skipif(os.environ.get("JLORA_NOTEBOOKS") != "1",
-                    reason="runs colab/shakespeare_lora.ipynb (~1-2 min); set JLORA_NOTEBOOKS=1")
 def test_colab_notebook_short_configuration(monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
