@@ -11,19 +11,7 @@ import pytest
 from flax import nnx
 
 import jlora
-
-
-def _rand(shape, seed=0, dtype=jnp.float32):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
-
-
-def _randomize_b(tree, seed=1):
-  def f(x):
-    if jlora.is_lora(x):
-      return jlora.LoRA(x.w, x.a, _rand(x.b.shape, seed, x.b.dtype), x.alpha, x.a_axes, x.stack,
-                        x.rslora)
-    return x
-  return jax.tree.map(f, tree, is_leaf=jlora.is_lora)
+from tests.helpers import rand as _rand, randomize_b as _randomize_b
 
 
 def _reference_delta(leaf):

@@ -65,6 +65,20 @@ def optimizer(tx: optax.GradientTransformation, tree: Any = None) -> optax.Gradi
   return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
 
 
+def update(loss_fn, tx, has_aux, trainable, opt_state, frozen, args, kwargs):
+  """One optimizer step on the trainable half: `(trainable, opt_state, loss[, aux])`.
+
+  The frozen half enters the loss as a constant, so no gradient is taken for it.
+  """
+  def loss_of(t):
+    return loss_fn(combine(t, frozen), *args, **kwargs)
+
+  out, grads = jax.value_and_grad(loss_of, has_aux=has_aux)(trainable)
+  updates, opt_state = tx.update(grads, opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  return (trainable, opt_state, *(out if has_aux else (out,)))
+
+
 class TrainStep:
   """A jit-compiled step that differentiates only the trainable half.
 
@@ -94,13 +108,7 @@ class TrainStep:
     return self.tx.init(split(tree).trainable)
 
   def _impl(self, trainable, opt_state, frozen, /, *args, **kwargs):
-    def loss_of(t):
-      return self.loss_fn(combine(t, frozen), *args, **kwargs)
-
-    out, grads = jax.value_and_grad(loss_of, has_aux=self.has_aux)(trainable)
-    updates, opt_state = self.tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return (trainable, opt_state, *(out if self.has_aux else (out,)))
+    return update(self.loss_fn, self.tx, self.has_aux, trainable, opt_state, frozen, args, kwargs)
 
   def __call__(self, tree, opt_state, *args, **kwargs):
     trainable, frozen = split(tree)

@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
-from jlora._src.optim import optimizer
+from jlora._src.optim import optimizer, update
 from jlora._src.tree import combine, split
 
 ADAPTERS = ("derived", "replicated")
@@ -635,13 +635,7 @@ class ShardedTrainStep:
     return jax.jit(self.tx.init, out_shardings=self.state_shardings)(trainable)
 
   def _impl(self, trainable, opt_state, frozen, args, kwargs):
-    def loss_of(t):
-      return self.loss_fn(combine(t, frozen), *args, **kwargs)
-
-    out, grads = jax.value_and_grad(loss_of, has_aux=self.has_aux)(trainable)
-    updates, opt_state = self.tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return (trainable, opt_state, *(out if self.has_aux else (out,)))
+    return update(self.loss_fn, self.tx, self.has_aux, trainable, opt_state, frozen, args, kwargs)
 
   def _compiled(self, args, kwargs):
     if self.shardings is None:
