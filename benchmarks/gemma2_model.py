@@ -46,7 +46,9 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REMAT_POLICIES = ("none", "names", "dots", "nothing")
+REMAT_POLICIES = ("none", "names", "wide", "dots", "nothing")
+# What "wide" keeps beyond "names": the normed block inputs, q and k after RoPE, the GeGLU product.
+WIDE_NAMES = ("attn_in", "q_rope", "k_rope", "ffw_in", "mlp_act")
 ATTENTIONS = ("cudnn", "xla", "softcap")
 
 
@@ -199,12 +201,13 @@ class Block(nn.Module):
     sin, cos = rope
     norm = lambda name: RMSNorm(c.dtype, name=name)
 
-    h = norm("pre_attn_norm")(x)
+    h = checkpoint_name(norm("pre_attn_norm")(x), "attn_in")
     q = checkpoint_name(self._dense(c.num_heads * c.head_dim, "q_proj")(h), "q_proj")
     k = checkpoint_name(self._dense(c.num_kv_heads * c.head_dim, "k_proj")(h), "k_proj")
     v = checkpoint_name(self._dense(c.num_kv_heads * c.head_dim, "v_proj")(h), "v_proj")
-    q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), sin, cos)
-    k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), sin, cos)
+    q = checkpoint_name(apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), sin, cos), "q_rope")
+    k = checkpoint_name(apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), sin, cos),
+                        "k_rope")
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     scale = c.head_dim ** -0.5  # Gemma 2 2B: query_pre_attn_scalar = head_dim
     if c.attention == "softcap":
@@ -216,10 +219,10 @@ class Block(nn.Module):
     o = checkpoint_name(self._dense(c.width, "o_proj")(a), "o_proj")
     x = x + norm("post_attn_norm")(o)
 
-    h = norm("pre_ffw_norm")(x)
+    h = checkpoint_name(norm("pre_ffw_norm")(x), "ffw_in")
     gate = checkpoint_name(self._dense(c.ffw_width, "gate_proj")(h), "gate_proj")
     up = checkpoint_name(self._dense(c.ffw_width, "up_proj")(h), "up_proj")
-    m = jax.nn.gelu(gate, approximate=True) * up
+    m = checkpoint_name(jax.nn.gelu(gate, approximate=True) * up, "mlp_act")
     down = checkpoint_name(self._dense(c.width, "down_proj")(m), "down_proj")
     x = x + norm("post_ffw_norm")(down)
     return x, None
@@ -237,6 +240,8 @@ def remat_policy(name: str):
     return jax.checkpoint_policies.nothing_saveable
   if name == "dots":
     keep = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  elif name == "wide":
+    keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention", *WIDE_NAMES)
   else:
     keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention")
 
