@@ -8,7 +8,7 @@
 #   bash benchmarks/run_gpu.sh all         # both, one after the other
 #   bash benchmarks/run_gpu.sh loop        # jlora with the blocks in a Python loop (jax 0.11)
 #
-# Expects the baseline scripts in .bench/ (a copy of ../shared/bench) and, for keras-hub,
+# Expects the three baseline scripts (PEFT, keras-hub, hand-written JAX) in .bench/ and, for keras-hub,
 # the keras / keras-hub / namex / optree wheels in .whl/ (installed into /tmp/site).
 # Writes under $OUT (default runs/gpu): results.jsonl (one JSON row per configuration, tagged
 # with its suite), profiles.jsonl (kernel-time summaries), log_<phase>.txt (everything printed).
