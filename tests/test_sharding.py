@@ -152,7 +152,9 @@ def test_sharded_step_equals_single_device_step():
   assert len(r["loss_sharded"]) == 2
   np.testing.assert_allclose(r["loss_sharded"], r["loss_single"], rtol=1e-5, atol=1e-6)
   assert r["loss_sharded"][1] < r["loss_sharded"][0]
-  assert r["max_adapter_diff"] < 1e-4  # Adam steps of 3e-2; float32 reduction order differs
+  # Adam with eps 1e-3: with the default 1e-8, g/sqrt(v) of a near-zero gradient flips sign with
+  # the float32 reduction order, and one step then moves an entry by 2·lr.
+  assert r["max_adapter_diff"] < 1e-4
   assert r["b_moved"] > 1e-4  # the comparison is not between two untouched zero b's
   assert r["shardings_kept_after_step"]
   assert r["frozen_unchanged"]
@@ -218,10 +220,8 @@ def _worker() -> dict:
   warnings.simplefilter("error")
   warnings.filterwarnings("ignore", category=DeprecationWarning)
   import jax
-  import jax.numpy as jnp
   import optax
   from jax.sharding import AxisType, NamedSharding
-  from jax.sharding import PartitionSpec as P
 
   import jlora
   from jlora._src import sharding as S
@@ -263,7 +263,7 @@ def _worker() -> dict:
       a.spec == b.spec and a.mesh == b.mesh
       for a, b in zip(jax.tree.leaves(sh), jax.tree.leaves(arr_sh)))
   step = S.sharded_train_step(lambda t, tok: llama.lm_loss(jlora.lora(model.apply)(
-      {"params": t}, tok), tok), optax.adam(3e-2), mesh)
+      {"params": t}, tok), tok), optax.adam(3e-2, eps=1e-3), mesh)
   state = step.init(lp_s)
   inner = state.inner_states["train"].inner_state[0] if hasattr(state, "inner_states") else None
   if inner is None:
@@ -294,7 +294,7 @@ def _worker() -> dict:
   # 3. the sharded step vs the single-device step.
   w_before = np.asarray(lp_s["layers"]["self_attn"]["q_proj"]["kernel"].w)
   ref = jlora.train_step(lambda t, tok: llama.lm_loss(jlora.lora(model.apply)(
-      {"params": t}, tok), tok), optax.adam(3e-2))
+      {"params": t}, tok), tok), optax.adam(3e-2, eps=1e-3))
   state_1 = ref.init(lp_1)
   ls, l1 = [], []
   for _ in range(2):
