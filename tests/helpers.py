@@ -1,5 +1,7 @@
 """Helpers shared by the test modules."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,3 +22,21 @@ def randomize_b(tree, seed=1):
                         x.rslora)
     return x
   return jax.tree.map(f, tree, is_leaf=jlora.is_lora)
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_notebook(name: str, timeout: int) -> str:
+  """Executes colab/NAME top to bottom in a fresh kernel; returns the text the cells printed.
+
+  The caller sets the environment (the kernel inherits it), e.g. with monkeypatch.
+  """
+  import nbclient
+  import nbformat
+
+  nb = nbformat.read(REPO / "colab" / name, as_version=4)
+  nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                          resources={"metadata": {"path": str(REPO)}}).execute()
+  return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs)

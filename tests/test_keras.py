@@ -1,7 +1,7 @@
 """Issue 4: keras-hub (keras-nlp) Gemma interop — equivalence with `enable_lora`, training,
 write-back.
 
-Needs the `keras-nlp` extra (Keras 3 + keras-hub, JAX backend); skipped without it.
+Needs the `keras-nlp` extra (Keras 3 + keras-hub, JAX backend), which the test set-up installs.
 """
 
 import os
@@ -21,9 +21,10 @@ import pytest  # noqa: E402
 import jlora  # noqa: E402
 import jlora.keras as jk  # noqa: E402
 from jlora.models import gemma  # noqa: E402
+from tests.helpers import run_notebook  # noqa: E402
 
-keras = pytest.importorskip("keras")
-keras_hub = pytest.importorskip("keras_hub")
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RANK = 3
@@ -221,7 +222,7 @@ except ImportError as e:
 
 
 def test_keras_nlp_name_is_the_same_package():
-  keras_nlp = pytest.importorskip("keras_nlp")
+  import keras_nlp
   assert keras_nlp.models.GemmaBackbone is keras_hub.models.GemmaBackbone
   assert keras_nlp.models.GemmaCausalLM is keras_hub.models.GemmaCausalLM
 
@@ -234,17 +235,11 @@ def test_errors_name_the_fix():
 
 
 def test_colab_notebook_small_configuration(monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
   # Two host devices, so the notebook's mesh really shards the batch and the weights.
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   monkeypatch.setenv("PYTHONPATH", str(REPO))
   monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
-  nb = nbformat.read(REPO / "colab" / "gemma_lora.ipynb", as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                          resources={"metadata": {"path": str(REPO)}}).execute()
-  text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                   for o in c.outputs)
+  text = run_notebook("gemma_lora.ipynb", timeout=300)
   assert "Trainable params: 2,928,640" in text
   assert "Mesh('data': 2" in text
   assert "Keras trainable params after write-back" in text

@@ -304,9 +304,9 @@ def test_import_errors(tmp_path):
 @pytest.fixture(scope="module")
 def hf():
   """A tiny random LlamaForCausalLM, its state dict and the matching jlora params."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  pytest.importorskip("peft")
+  import peft  # noqa: F401  (the test extra pins torch, transformers and peft)
+  import torch
+  import transformers
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
       vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,

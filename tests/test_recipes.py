@@ -7,9 +7,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import jlora
+from tests.helpers import run_notebook
 from recipes import shakespeare, tweets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,15 +52,9 @@ def test_tweets_lora_beats_frozen_encoder(tmp_path):
 
 
 def test_colab_notebook_short_configuration(monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
   monkeypatch.setenv("JLORA_NB_SMALL", "1")
   monkeypatch.setenv("PYTHONPATH", str(REPO))
-  nb = nbformat.read(REPO / "colab" / "shakespeare_lora.ipynb", as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": str(REPO)}}).execute()
-  text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                   for o in c.outputs)
+  text = run_notebook("shakespeare_lora.ipynb", timeout=600)
   assert "Paris" in text
   assert "Trainable params: 460,800" in text
   assert "restored logits identical: True; frozen weights unchanged: True" in text

@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
-from jlora._src.optim import optimizer, update
+from jlora._src.optim import _has_trainable, optimizer, update
 from jlora._src.tree import combine, split
 
 ADAPTERS = ("derived", "replicated")
@@ -622,8 +622,7 @@ class ShardedTrainStep:
     return PartitionSpec(ax if len(ax) > 1 else (ax[0] if ax else None))
 
   def init(self, tree: Any) -> Any:
-    if not any(isinstance(x, (LoRA, Trainable))
-               for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node)):
+    if not _has_trainable(tree):
       raise ValueError(
           "jlora.sharded_train_step: the tree holds no jlora.LoRA or jlora.Trainable leaf, "
           "so there is nothing to train. Call jlora.apply(params, ...) first.")
