@@ -34,8 +34,8 @@ def _keras_hub_gemma_presets():
   executed as the plain dict literal it is.
   """
   spec = importlib.util.find_spec("keras_hub")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("keras-hub is not installed (pip install --no-deps keras-hub)")
+  assert spec is not None and spec.submodule_search_locations, (
+      "keras-hub is not installed; recipes/setup.sh installs it (pip install --no-deps keras-hub)")
   root = pathlib.Path(list(spec.submodule_search_locations)[0])
   path = root / "src" / "models" / "gemma" / "gemma_presets.py"
   return runpy.run_path(str(path))["backbone_presets"]
