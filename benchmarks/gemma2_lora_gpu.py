@@ -2,8 +2,8 @@
 
 Usage (from the repository root):
 
-  python benchmarks/gemma2_lora_gpu.py CONFIG [--remat names] [--chunk 4096] [--steps 5]
-      [--rounds 3] [--warmup 3] [--profile --profile-out prof.jsonl] [--out results.jsonl]
+  python benchmarks/gemma2_lora_gpu.py CONFIG [--layers unstacked] [--remat names] [--chunk 4096] [--steps 8]
+      [--rounds 3] [--warmup 3] [--long-round 20] [--profile --profile-out prof.jsonl] [--out results.jsonl]
       [--tag TAG] [--tiny]
   python benchmarks/gemma2_lora_gpu.py peak      # the bf16 matmul rate, for MFU
 
@@ -16,10 +16,12 @@ CONFIG is one of:
 
 The model is benchmarks/gemma2_model.py (random init, bf16, batch 8 x 1024, the
 fused chunked cross-entropy, cuDNN flash attention without the attention-logit
-soft-cap). LoRA configurations go through the public API only:
-`jlora.apply(params, rank, targets=..., stacked=r"^layers/")`,
-`jlora.lora(loss)` and `jlora.train_step(loss, optax.adamw(...))` (which wraps
-the optimizer in `jlora.optimizer`). Each run prints one JSON row (tokens/s,
+soft-cap), with 26 separate blocks by default (`--layers unstacked`; `scan`
+stacks them for one `lax.scan`). LoRA configurations go through the public API
+only: `jlora.apply(params, rank, targets=...)` (plus `stacked=r"^layers/"` for
+the stacked layouts), `jlora.lora(loss)` and
+`jlora.train_step(loss, optax.adamw(...))` (which wraps the optimizer in
+`jlora.optimizer`). Each run prints one JSON row (tokens/s,
 peak device memory, MFU, compile time, XLA's memory analysis) and appends it to
 `--out`. Peak memory is the device allocator's `peak_bytes_in_use`, so run each
 configuration in its own process (benchmarks/run_gpu.sh does).
@@ -95,7 +97,8 @@ def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4):
 
     return step, (params, opt_state), n, full_step
 
-  tree = jlora.apply(params, rank=spec["rank"], targets=spec["targets"], stacked=r"^layers/")
+  stacked = None if cfg.layers == "unstacked" else r"^layers/"
+  tree = jlora.apply(params, rank=spec["rank"], targets=spec["targets"], stacked=stacked)
   if spec["mode"] == "fact":
     loss_fn = jlora.lora(model_loss)
   else:  # the merge path: w + s*a@b formed in the step, the model sees plain weights
@@ -131,8 +134,27 @@ def measure_peak() -> dict:
   return dict(name="peak_bf16_matmul", tflops=round(2 * n ** 3 / dt / 1e12, 1))
 
 
-def summarize_trace(log_dir: str, top: int = 40) -> dict:
-  """Kernel time per device line and the top kernels, from the Perfetto trace."""
+def _kernel_category(name: str) -> str:
+  n = name.lower()
+  if "nvjet" in n or "gemm" in n or "cutlass" in n or "cublas" in n or n.startswith("sm90_xmma"):
+    return "gemm"
+  if "cudnn" in n or "sdpa" in n or "flash" in n:
+    return "attention"
+  if "memcpy" in n or "memset" in n or n.startswith("copy") or "_copy" in n:
+    return "copy"
+  if "reduce" in n or "scatter" in n:
+    return "reduce fusion"
+  if "fusion" in n or n.startswith("loop_") or n.startswith("input_"):
+    return "elementwise fusion"
+  return "other"
+
+
+def summarize_trace(log_dir: str, steps: int = 2, top: int = 80) -> dict:
+  """Per-step kernel time by category and the top kernels, from the Perfetto trace.
+
+  Each top entry is `(kernel, hlo_op, ms per step, launches per step)`; `hlo_op`
+  names the instruction in the compiled HLO (`--hlo-out`), when the trace gives it.
+  """
   files = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
   if not files:
     return dict(error="no perfetto trace")
@@ -140,25 +162,31 @@ def summarize_trace(log_dir: str, top: int = 40) -> dict:
   ev = d["traceEvents"] if isinstance(d, dict) else d
   pname = {e["pid"]: e.get("args", {}).get("name", "") for e in ev
            if e.get("ph") == "M" and e.get("name") == "process_name"}
-  tname = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in ev
-           if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  device_pids = {p for p, n in pname.items() if "GPU" in n or "gpu" in n or "device" in n}
-  lines = collections.defaultdict(collections.Counter)
-  counts = collections.defaultdict(collections.Counter)
-  for e in ev:
-    if e.get("ph") != "X" or "dur" not in e:
-      continue
-    p = pname.get(e.get("pid"), "")
-    if device_pids and e.get("pid") not in device_pids:
-      continue
-    line = f"{p} | {tname.get((e.get('pid'), e.get('tid')), '')}"
-    lines[line][e.get("name", "?")] += float(e["dur"])
-    counts[line][e.get("name", "?")] += 1
-  out = {"_processes": sorted(set(pname.values()))}
-  for line, c in lines.items():
-    out[line] = dict(total_us=round(sum(c.values())), events=sum(counts[line].values()),
-                     top=[(n, round(us), counts[line][n]) for n, us in c.most_common(top)])
-  return out
+  device_pids = {p for p, n in pname.items() if "/device:GPU" in n or "GPU" in n}
+  kernels = [e for e in ev if e.get("ph") == "X" and "dur" in e and e.get("pid") in device_pids]
+  if not kernels:
+    return dict(error="no device events", processes=sorted(set(pname.values())))
+  by = collections.Counter()
+  cnt = collections.Counter()
+  cat = collections.Counter()
+  sample_args = {}
+  for e in kernels:
+    args = e.get("args", {}) or {}
+    op = args.get("hlo_op", "")
+    key = (e.get("name", "?"), op)
+    by[key] += float(e["dur"])
+    cnt[key] += 1
+    cat[_kernel_category(e.get("name", ""))] += float(e["dur"])
+    sample_args.setdefault(key, {k: str(v)[:120] for k, v in args.items()})
+  t0 = min(float(e["ts"]) for e in kernels)
+  t1 = max(float(e["ts"]) + float(e["dur"]) for e in kernels)
+  per = lambda us: round(us / steps / 1000, 3)
+  return dict(
+      span_ms_per_step=per(t1 - t0), kernel_ms_per_step=per(sum(by.values())),
+      launches_per_step=len(kernels) / steps,
+      category_ms_per_step={k: per(v) for k, v in cat.most_common()},
+      top=[(k[0][:90], k[1], per(us), cnt[k] / steps) for k, us in by.most_common(top)],
+      sample_args={f"{k[0][:60]}|{k[1]}": sample_args[k] for k, _ in by.most_common(5)})
 
 
 def run(args) -> dict:
@@ -171,7 +199,7 @@ def run(args) -> dict:
     cfg = G.Gemma2Config(remat=args.remat, loss_chunk=args.chunk,
                          attention=args.attention or "cudnn")
     batch, seq = args.batch, args.seq
-  cfg = dataclasses.replace(cfg, scan_layers=args.layers == "scan")
+  cfg = dataclasses.replace(cfg, layers=args.layers, scan_unroll=args.scan_unroll)
   if args.logits_f32:
     cfg = dataclasses.replace(cfg, logits_dtype=jnp.float32)
   key = jax.random.key(0)
@@ -198,12 +226,19 @@ def run(args) -> dict:
     rounds.append((time.perf_counter() - t0) / args.steps)
   dt = statistics.median(rounds)
   tok_s = batch * seq / dt
+  long_round = None
+  if args.long_round:
+    t0 = time.perf_counter()
+    for _ in range(args.long_round):
+      state, loss = step(state, ids)
+    loss.block_until_ready()
+    long_round = (time.perf_counter() - t0) / args.long_round
   stats = jax.devices()[0].memory_stats() or {}
   full = spec["mode"] == "full"
   row = dict(
       suite="jlora", name=args.config + (f"_{args.tag}" if args.tag else ""), config=args.config,
       mode=spec["mode"], rank=spec["rank"], remat=cfg.remat, attention=cfg.attention,
-      layers="scan" if cfg.scan_layers else "loop",
+      layers=cfg.layers, scan_unroll=cfg.scan_unroll,
       loss_chunk=cfg.loss_chunk, logits_dtype=jnp.dtype(cfg.logits_dtype).name,
       batch=batch, seq=seq, trainable=int(ntrain), step_s=round(dt, 4),
       step_s_rounds=[round(r, 4) for r in rounds], tokens_s=round(tok_s),
@@ -212,6 +247,9 @@ def run(args) -> dict:
       compile_s=round(compile_s, 1), init_s=round(init_s, 1), loss=round(float(loss), 4),
       jax=jax.__version__, device=jax.devices()[0].device_kind,
       xla_flags=os.environ.get("XLA_FLAGS", ""))
+  if long_round:
+    row["long_round"] = dict(steps=args.long_round, step_s=round(long_round, 4),
+                             tokens_s=round(batch * seq / long_round))
   if full:
     row["mfu_6n"] = round(tok_s * flops_per_token(cfg, seq, full=True) / PEAK_FLOPS, 3)
   try:  # served from the compilation cache: the step was just compiled
@@ -219,6 +257,9 @@ def run(args) -> dict:
     ma = compiled.memory_analysis()
     row["xla_memory_gib"] = {k: round(getattr(ma, k + "_in_bytes") / 2 ** 30, 2)
                              for k in ("argument_size", "output_size", "alias_size", "temp_size")}
+    if args.hlo_out:
+      with gzip.open(args.hlo_out, "wt") as f:
+        f.write(compiled.as_text())
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     row["xla_tflop_per_step"] = round(float(ca.get("flops", 0.0)) / 1e12, 2)
@@ -232,7 +273,7 @@ def run(args) -> dict:
         state, loss = step(state, ids)
       loss.block_until_ready()
       jax.profiler.stop_trace()
-      prof = summarize_trace(log_dir)
+      prof = summarize_trace(log_dir, steps=2)
     except Exception as e:  # the measurement above stands without it
       prof = dict(error=repr(e)[:300])
     if args.profile_out:
@@ -247,13 +288,19 @@ def main(argv=None):
   p.add_argument("--remat", default="names", choices=G.REMAT_POLICIES)
   p.add_argument("--chunk", type=int, default=4096, help="loss tokens per chunk; 0 = full logits")
   p.add_argument("--attention", default=None, choices=G.ATTENTIONS)
-  p.add_argument("--layers", default="scan", choices=("loop", "scan"),
-                 help="run the stacked blocks in one lax.scan (default) or a Python loop")
+  p.add_argument("--layers", default="unstacked", choices=G.LAYERS,
+                 help="separate per-layer blocks (default), stacked blocks in one lax.scan, or a "
+                      "Python loop over the stacked weights")
+  p.add_argument("--scan-unroll", type=int, default=1, help="nn.scan's unroll (--layers scan)")
+  p.add_argument("--hlo-out", default="", help="write the compiled step's HLO text here (.gz)")
   p.add_argument("--logits-f32", action="store_true", help="write the head matmul in float32")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=1024)
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+  p.add_argument("--steps", type=int, default=8,
+                 help="steps per timed round (8, as the three baselines time)")
+  p.add_argument("--long-round", type=int, default=0,
+                 help="also time one round of this many steps (steady state), reported apart")
   p.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported")
   p.add_argument("--profile", action="store_true", help="trace 2 more steps, summarize kernels")
   p.add_argument("--profile-out", default="", help="append the kernel summary (JSON) here")

@@ -8,11 +8,13 @@ soft-cap `cap * tanh(z / cap)`. The default `Gemma2Config` is Gemma 2 2B: 26
 blocks, width 2304, 8 query / 4 key-value heads of 256, GeGLU width 9216,
 vocabulary 256,000 (2,614,341,888 parameters).
 
-Layers are stacked for `lax.scan` (`nn.scan` over one `Block`), so every kernel
-under `layers/` has a leading axis of length `num_layers`; the projections are
-plain `nn.Dense` kernels named as in Hugging Face (`attn/q_proj`, ...,
-`mlp/down_proj`), so `jlora.apply(params, rank, stacked=r"^layers/")` adapts
-`q_proj`/`v_proj` by default and all seven projections with
+By default the layers are stacked for `lax.scan` (`nn.scan` over one `Block`),
+so every kernel under `layers/` has a leading axis of length `num_layers`, and
+`jlora.apply(params, rank, stacked=r"^layers/")` adapts them;
+`Gemma2Config(layers="unstacked")` gives 26 separate blocks `layers_0/...`
+instead (plain `jlora.apply(params, rank)`). The projections are plain
+`nn.Dense` kernels named as in Hugging Face (`q_proj`, ..., `down_proj`), so
+jlora adapts `q_proj`/`v_proj` by default and all seven projections with
 `targets="all-linear"`.
 
 Attention (`Gemma2Config.attention`):
@@ -49,6 +51,7 @@ REMAT_POLICIES = ("none", "names", "wide", "dots", "nothing")
 # What "wide" keeps beyond "names": the normed block inputs, q and k after RoPE, the GeGLU product.
 WIDE_NAMES = ("attn_in", "q_rope", "k_rope", "ffw_in", "mlp_act")
 ATTENTIONS = ("cudnn", "xla", "softcap")
+LAYERS = ("scan", "loop", "unstacked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +80,14 @@ class Gemma2Config:
       block inputs; `"none"`: no rematerialization.
     loss_chunk: tokens per chunk of the fused cross-entropy; 0 computes the
       full logits (the plain reference path).
-    scan_layers: run the blocks with `nn.scan` (one `lax.scan`); False runs
-      a Python loop over the same stacked parameters (sliced per layer,
-      unrolled in the compiled program). Both give identical parameter trees.
+    layers: how the blocks run. `"scan"`: `nn.scan` over one `Block`, weights
+      stacked on a leading axis (`layers/q_proj/kernel` is `(26, 2304, 2048)`);
+      `"loop"`: a Python loop over the same stacked weights, sliced per layer;
+      `"unstacked"`: a Python loop over 26 separate blocks `layers_0` ...
+      `layers_25` with their own (unstacked) weights, as most Flax and Hugging
+      Face checkpoints lay them out. The last two are unrolled in the compiled
+      program.
+    scan_unroll: `nn.scan`'s `unroll` (blocks per loop iteration) for `"scan"`.
     logits_dtype: the dtype the head matmul writes (`bfloat16` by default,
       as the baselines' `x @ E.T` in bf16 followed by a cast); the soft-cap,
       log-sum-exp and gradient are computed in float32 either way.
@@ -100,13 +108,16 @@ class Gemma2Config:
   remat: str = "names"
   loss_chunk: int = 4096
   logits_dtype: Any = jnp.bfloat16
-  scan_layers: bool = True
+  layers: str = "scan"
+  scan_unroll: int = 1
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Gemma2Config: remat={self.remat!r} is not one of {REMAT_POLICIES}.")
     if self.attention not in ATTENTIONS:
       raise ValueError(f"Gemma2Config: attention={self.attention!r} is not one of {ATTENTIONS}.")
+    if self.layers not in LAYERS:
+      raise ValueError(f"Gemma2Config: layers={self.layers!r} is not one of {LAYERS}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"Gemma2Config: num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}.")
@@ -259,11 +270,16 @@ def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, wa
                  want_demb):
   """Loss sum over token chunks and, optionally, the gradients of the mean loss.
 
-  For each chunk of tokens: `z = h_c @ emb.T` (written once in `logits_dtype`),
-  `s = cap * tanh(z / cap)` and `lse = log(sum(exp(s)))` in float32 (with the
-  cap, |s| <= cap, so no max pass is needed), the loss `lse - s[label]`, and
-  if asked `dz = (softmax(s) - onehot) * (1 - tanh^2) / n` in `h`'s dtype, then
-  `dh_c = dz @ emb` and `demb += dz.T @ h_c`.
+  For each chunk of tokens, `z = h_c @ emb.T` is written once in `logits_dtype`.
+  With a soft-cap, float32 passes over `z` compute
+  `s = cap * tanh(z / cap)`, `e = exp(s - cap)` (in (0, 1], since |s| <= cap: no
+  max pass), the row sums `Z = sum(e)` (so `lse = cap + log Z`), and
+  `u = e * (1 - tanh^2)`, written in `h`'s dtype. The gradient of the mean loss is
+  `dz = (e / Z - onehot) * (1 - tanh^2) * w / n`; its two terms are applied
+  separately, so nothing else of size tokens x vocabulary is read or written:
+  `dh_c = (u @ emb) * (w / (n Z)) - (1 - tanh_label^2) * (w / n) * emb[label]`,
+  and likewise `demb`. Without a cap it is the plain max-shifted log-sum-exp, with
+  `dz = (softmax(z) - onehot) * w / n` formed in `h`'s dtype.
   """
   n_tok, d = h.shape
   v = emb.shape[0]
@@ -271,34 +287,49 @@ def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, wa
   hs = h.reshape(nc, chunk, d)
   ls = labels.reshape(nc, chunk)
   ws = weights.reshape(nc, chunk)
+  want_grad = want_dh or want_demb
 
   def body(demb, xs):
     hc, lc, wc = xs
     z = jnp.einsum("cd,vd->cv", hc, emb, preferred_element_type=logits_dtype)
-    zf = z.astype(jnp.float32)
+    z_tgt = jnp.take_along_axis(z, lc[:, None], axis=-1)[:, 0].astype(jnp.float32)
     if cap is not None:
-      th = jnp.tanh(zf / cap)
-      s = cap * th
-      lse = jnp.log(jnp.sum(jnp.exp(s), axis=-1))
+      x = z.astype(jnp.float32) / cap
+      big_z = jnp.sum(jnp.exp(cap * jnp.tanh(x) - cap), axis=-1)
+      lse = cap + jnp.log(big_z)
+      th_tgt = jnp.tanh(z_tgt / cap)
+      loss = jnp.sum((lse - cap * th_tgt) * wc)
+      if not want_grad:
+        return demb, (loss, None)
+      # u = e * (1 - tanh^2), written with q = exp(-2|x|): tanh = sign(x)(1 - q)/(1 + q),
+      # 1 - tanh^2 = 4q / (1 + q)^2. The sum above and u share only the cheap x, so
+      # the compiler can fuse each straight from z instead of storing a float32
+      # tanh of the whole chunk between two passes.
+      q = jnp.exp(-2.0 * jnp.abs(x))
+      th = jnp.sign(x) * (1.0 - q) / (1.0 + q)
+      u = (jnp.exp(cap * th - cap) * (4.0 * q / jnp.square(1.0 + q))).astype(h.dtype)
+      row = (wc * inv_n / big_z)[:, None]  # scales u's rows
+      lab = ((1.0 - th_tgt * th_tgt) * wc * inv_n)[:, None]  # the onehot term's rows
     else:
-      s = zf
-      mx = lax.stop_gradient(jnp.max(s, axis=-1))
-      lse = mx + jnp.log(jnp.sum(jnp.exp(s - mx[:, None]), axis=-1))
-    tgt = jnp.take_along_axis(s, lc[:, None], axis=-1)[:, 0]
-    loss = jnp.sum((lse - tgt) * wc)
-    if not want_dh and not want_demb:
-      return demb, (loss, None)
-    p = jnp.exp(s - lse[:, None])
-    onehot = lax.broadcasted_iota(jnp.int32, (chunk, v), 1) == lc[:, None]
-    dz = p - onehot.astype(jnp.float32)
-    if cap is not None:
-      dz = dz * (1.0 - th * th)
-    dz = (dz * (wc * inv_n)[:, None]).astype(h.dtype)
+      zf = z.astype(jnp.float32)
+      mx = lax.stop_gradient(jnp.max(zf, axis=-1))
+      lse = mx + jnp.log(jnp.sum(jnp.exp(zf - mx[:, None]), axis=-1))
+      loss = jnp.sum((lse - z_tgt) * wc)
+      if not want_grad:
+        return demb, (loss, None)
+      u = (jnp.exp(zf - lse[:, None]) * (wc * inv_n)[:, None]).astype(h.dtype)
+      row = None
+      lab = (wc * inv_n)[:, None]
+    e_tgt = jnp.take(emb, lc, axis=0).astype(jnp.float32)
     dh = None
     if want_dh:
-      dh = jnp.einsum("cv,vd->cd", dz, emb, preferred_element_type=jnp.float32).astype(h.dtype)
+      du = jnp.einsum("cv,vd->cd", u, emb, preferred_element_type=jnp.float32)
+      dh = ((du if row is None else du * row) - lab * e_tgt).astype(h.dtype)
     if want_demb:
-      demb = demb + jnp.einsum("cv,cd->vd", dz, hc, preferred_element_type=jnp.float32)
+      hf = hc.astype(jnp.float32)
+      hs_ = (hf if row is None else hf * row).astype(h.dtype)
+      demb = demb + jnp.einsum("cv,cd->vd", u, hs_, preferred_element_type=jnp.float32)
+      demb = demb.at[lc].add(-lab * hf)
     return demb, (loss, dh)
 
   demb0 = jnp.zeros(emb.shape, jnp.float32) if want_demb else None
@@ -344,8 +375,9 @@ def softcap_cross_entropy(h, emb, labels, *, cap: float | None = 30.0, chunk: in
   Tokens are processed `chunk` at a time, and the forward pass computes the
   gradients with respect to `h` (and `emb`, only when `emb` is differentiated)
   as it goes (a `jax.custom_vjp`): no (tokens x vocabulary) array is kept for
-  the backward pass, nothing is recomputed, and the largest temporary is one
-  chunk of logits. The head matmuls keep their `2 * tokens * vocab * width`
+  the backward pass, nothing is recomputed, and the largest temporaries are one
+  chunk of logits and its gradient factor (both in `h`'s dtype; see
+  `_xent_chunks`). The head matmuls keep their `2 * tokens * vocab * width`
   FLOPs each: one for the logits, one for `dh`, and one more for `demb` in a
   full fine-tune.
 
@@ -405,13 +437,17 @@ class Gemma2(nn.Module):
     rope = rope_tables(ids.shape[1], c.head_dim, c.rope_base)
 
     policy = remat_policy(c.remat)
-    if c.scan_layers:
+    if c.layers == "scan":
       block = Block
       if c.remat != "none":
         block = nn.remat(Block, policy=policy, prevent_cse=False)
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=nn.broadcast, length=c.num_layers)
+                        in_axes=nn.broadcast, length=c.num_layers, unroll=c.scan_unroll)
       x, _ = scanned(c, name="layers")(x, rope)
+    elif c.layers == "unstacked":
+      block = Block if c.remat == "none" else nn.remat(Block, policy=policy, prevent_cse=True)
+      for i in range(c.num_layers):
+        x, _ = block(c, name=f"layers_{i}")(x, rope)
     else:
       stacked = self.param("layers", functools.partial(_init_stacked, c))
 

@@ -3,10 +3,14 @@
 # each configuration in its own process (so each peak memory is its own), sequentially.
 #
 # Usage, from the repository root on the GPU machine:
-#   bash benchmarks/run_gpu.sh jlora       # matmul peak, jlora configs, hand-written JAX baseline
-#   bash benchmarks/run_gpu.sh baselines   # PEFT (torch.compile + sdpa), keras-hub, jlora re-run
-#   bash benchmarks/run_gpu.sh all         # both, one after the other
-#   bash benchmarks/run_gpu.sh loop        # jlora with the blocks in a Python loop (jax 0.11)
+#   bash benchmarks/run_gpu.sh final     # the comparison: jlora q,v and all-linear, PEFT
+#                                        # (torch.compile + sdpa), keras-hub and the hand-written
+#                                        # JAX step, all in one call
+#   bash benchmarks/run_gpu.sh jlora     # more jlora rows: merge path, full fine-tune, remat and
+#                                        # loss variants, the scan layout
+#   bash benchmarks/run_gpu.sh explore   # layer layouts and XLA options, with kernel profiles and
+#                                        # the compiled HLO
+#   bash benchmarks/run_gpu.sh all       # final, then jlora
 #
 # Expects the three baseline scripts (PEFT, keras-hub, hand-written JAX) in .bench/ and, for keras-hub,
 # the keras / keras-hub / namex / optree wheels in .whl/ (installed into /tmp/site).
@@ -74,78 +78,69 @@ job() {
 J="$PY benchmarks/gemma2_lora_gpu.py ${JLORA_ARGS:-}"  # JLORA_ARGS: e.g. "--tiny" for a dry run
 HW="$PY .bench/jax_gemma2_handwritten.py"
 
-# The remat policy that ran fastest for CONFIG in an earlier phase on this machine (default names).
-best_remat() {
-  "$PY" -c '
-import json, sys
-best = None
-try:
-  for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if r.get("suite") == "jlora" and r.get("config") == sys.argv[2] and r.get("tokens_s") \
-        and r.get("loss_chunk", 0) > 0 and (best is None or r["tokens_s"] > best["tokens_s"]):
-      best = r
-except OSError:
-  pass
-print(best["remat"] if best else "names")
-' "$STATE/results_jlora.jsonl" "$1"
-}
-
-phase_jlora() {
+gpu_line() {
   echo "### $(date -u) $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null)" | tee -a "$LOG"
-  "$PY" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)' 2>&1 | tee -a "$LOG"
-  job 30 120 jlora peak $J peak
-  job 80 240 jlora qv4_names $J qv4 --layers scan --remat names --profile --profile-out "$PROF"
-  job 80 240 jlora all16_names $J all16 --layers scan --remat names --profile --profile-out "$PROF"
-  job 70 240 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
-  job 70 240 handwritten hw_all16_fact env REMAT=dots $HW all16_fact
-  job 70 200 jlora qv4_dots $J qv4 --layers scan --remat dots --tag dots
-  job 70 200 jlora all16_dots $J all16 --layers scan --remat dots --tag dots
-  job 70 200 jlora full $J full --layers scan --remat names
-  job 70 200 jlora qv4_merge $J qv4_merge --layers scan --remat names
-  job 70 200 jlora qv4_plainloss $J qv4 --layers scan --remat names --chunk 0 --tag plainloss
-  job 70 200 jlora qv4_chunk2048 $J qv4 --layers scan --remat names --chunk 2048 --tag chunk2048
 }
 
-phase_baselines() {
+# More jlora rows (unstacked blocks unless named): the merge path, the full fine-tune, the `dots`
+# and `none` remat policies, the loss variants, and the scan layout.
+phase_jlora() {
+  gpu_line
+  job 20 60 jlora peak $J peak
+  job 60 200 jlora qv4_merge $J qv4_merge --tag merge
+  job 60 200 jlora full $J full --tag full
+  job 60 200 jlora qv4_dots $J qv4 --remat dots --tag dots
+  job 60 200 jlora all16_dots $J all16 --remat dots --tag dots
+  job 60 200 jlora qv4_wide $J qv4 --remat wide --tag wide
+  job 60 200 jlora qv4_plainloss $J qv4 --chunk 0 --tag plainloss
+  job 60 200 jlora qv4_chunk2048 $J qv4 --chunk 2048 --tag chunk2048
+  job 40 150 jlora qv4_scan $J qv4 --layers scan --tag scan
+  job 40 150 jlora all16_scan $J all16 --layers scan --remat wide --tag scan
+}
+
+# Layer layouts and XLA options for the jlora steps, with kernel profiles and the compiled HLO.
+phase_explore() {
+  local U="--layers unstacked" S="--layers scan"
+  gpu_line
+  job 20 60 jlora peak $J peak
+  job 40 150 jlora qv4_scan $J qv4 $S --tag scan --profile --profile-out "$PROF" --hlo-out "$OUT/hlo_qv4_scan.txt.gz"
+  job 80 200 jlora qv4_unstacked $J qv4 $U --tag unstacked --profile --profile-out "$PROF" --hlo-out "$OUT/hlo_qv4_unstacked.txt.gz"
+  job 80 200 jlora all16_unstacked $J all16 $U --tag unstacked --profile --profile-out "$PROF" --hlo-out "$OUT/hlo_all16_unstacked.txt.gz"
+  job 40 150 jlora all16_scan $J all16 $S --tag scan --profile --profile-out "$PROF"
+  job 40 150 jlora qv4_scan_fullunroll env XLA_FLAGS=--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL $J qv4 $S --tag scan_xlaunroll
+  job 70 150 jlora qv4_unstacked_heroless env XLA_FLAGS=--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true $J qv4 $U --tag unstacked_heroless
+  job 70 150 jlora qv4_unstacked_lhs env XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $J qv4 $U --tag unstacked_lhs
+  job 40 150 jlora qv4_scan_cmdbuf_while env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL $J qv4 $S --tag scan_cmdbuf_while
+  job 45 150 jlora qv4_unstacked_nograph env XLA_FLAGS=--xla_gpu_enable_command_buffer= $J qv4 $U --tag unstacked_nograph
+  job 30 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
+}
+
+# Everything side by side in one call: the baselines first, then the hand-written anchors, then
+# jlora (unstacked blocks) with the remat and XLA variants, most important first.
+phase_final() {
+  gpu_line
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl 2>&1 | tail -2 | tee -a "$LOG"
   fi
   local KE="env PYTHONPATH=/tmp/site KERAS_BACKEND=jax $PY .bench/keras_gemma2_bench.py"
   local PE="$PY .bench/peft_gemma2_bench.py"
-  job 150 300 peft peft_qv4_compile $PE qv4_compile
-  job 150 300 keras keras_qv4 $KE qv4
-  job 150 300 peft peft_all16_compile $PE all16_compile
-  job 150 300 keras keras_all16 $KE all16
-  local rq=$(best_remat qv4) ra=$(best_remat all16)
-  job 60 200 jlora qv4_rerun $J qv4 --remat "$rq" --tag "rerun_$rq"
-  job 60 200 jlora all16_rerun $J all16 --remat "$ra" --tag "rerun_$ra"
-}
-
-# jlora with the blocks in a Python loop over the stacked weights (jax 0.11 changed the scan
-# primitive's parameters, which jlora.lora's scan rule reads), next to the hand-written anchor
-# and keras-hub.
-phase_loop() {
-  job 30 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
-  job 100 200 jlora qv4_loop $J qv4 --layers loop --remat names --tag loop --profile --profile-out "$PROF"
-  job 100 200 jlora all16_loop $J all16 --layers loop --remat names --tag loop --profile --profile-out "$PROF"
-  job 25 120 handwritten hw_all16_fact env REMAT=dots $HW all16_fact
-  job 90 180 jlora qv4_loop_dots $J qv4 --layers loop --remat dots --tag loop_dots
-  job 90 180 jlora all16_loop_dots $J all16 --layers loop --remat dots --tag loop_dots
-  local KE="env PYTHONPATH=/tmp/site KERAS_BACKEND=jax $PY .bench/keras_gemma2_bench.py"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl 2>&1 | tail -2
-  job 50 100 keras keras_qv4 $KE qv4
-  job 60 100 keras keras_all16 $KE all16
-  job 20 60 jlora peak $J peak
+  job 15 60 jlora peak $J peak
+  job 60 200 jlora qv4 $J qv4 --remat names --tag final --long-round 20
+  job 50 150 jlora all16 $J all16 --remat wide --tag final --long-round 20
+  job 120 300 peft peft_qv4_compile $PE qv4_compile
+  job 120 300 peft peft_all16_compile $PE all16_compile
+  job 40 300 keras keras_qv4 $KE qv4
+  job 45 300 keras keras_all16 $KE all16
+  job 17 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
+  job 12 120 handwritten hw_all16_fact env REMAT=dots $HW all16_fact
 }
 
 case "$PHASE" in
   jlora) phase_jlora ;;
-  baselines) phase_baselines ;;
-  loop) phase_loop ;;
-  all) BUDGET=${BUDGET_ALL:-100000}; phase_jlora; phase_baselines ;;
-  *) echo "usage: $0 jlora|baselines|all" >&2; exit 2 ;;
+  explore) phase_explore ;;
+  final) phase_final ;;
+  all) BUDGET=${BUDGET_ALL:-100000}; phase_final; phase_jlora ;;
+  *) echo "usage: $0 final|jlora|explore|all" >&2; exit 2 ;;
 esac
 echo "### done in $(( $(date +%s) - START ))s" | tee -a "$LOG"

@@ -50,7 +50,7 @@ def test_fused_chunked_loss_matches_full_logits(cap):
 
 def test_tiny_model_forward_and_one_jlora_step():
   """The benchmark's path (layers in a loop, remat names, fused loss) forward and one step."""
-  cfg = G.tiny_config(num_layers=2, remat="names", loss_chunk=24, scan_layers=False, width=32,
+  cfg = G.tiny_config(num_layers=2, remat="names", loss_chunk=24, layers="loop", width=32,
                       ffw_width=64, vocab_size=256)  # 40 tokens: 2 chunks, padded
   model = G.Gemma2(cfg)
   ids = jax.random.randint(jax.random.key(1), (2, 21), 0, cfg.vocab_size)
@@ -79,3 +79,40 @@ def test_tiny_model_forward_and_one_jlora_step():
   np.testing.assert_allclose(loss, l_fused, rtol=1e-5)  # b = 0: the base model's loss
   assert not np.allclose(tree["layers"]["v_proj"]["kernel"].b, b_before)
   np.testing.assert_array_equal(tree["layers"]["v_proj"]["kernel"].w, w_before)  # frozen
+
+
+def test_layer_layouts_compute_the_same_loss_and_adapter_gradients():
+  """scan (unrolled by 2), loop and unstacked blocks: one function of the same weights."""
+  import dataclasses
+  base = dict(num_layers=2, remat="names", loss_chunk=24, width=32, ffw_width=64, vocab_size=256)
+  ids = jax.random.randint(jax.random.key(3), (2, 21), 0, 256)
+  params = jax.jit(G.init_params, static_argnums=0)(G.tiny_config(**base), jax.random.key(0))
+  stacked = jlora.apply(params, rank=4, stacked=r"^layers/", key=jax.random.key(5))
+  # b = 0 would hide a wrong adapter path: random b.
+  stacked = jax.tree.map(
+      lambda x: dataclasses.replace(x, b=jax.random.normal(jax.random.key(6), x.b.shape) * 0.1)
+      if isinstance(x, jlora.LoRA) else x, stacked, is_leaf=jlora.is_lora)
+  unstacked = {k: v for k, v in stacked.items() if k != "layers"}
+  for i in range(2):  # the same adapters, one block each
+    unstacked[f"layers_{i}"] = jax.tree.map(
+        lambda x: dataclasses.replace(x, w=x.w[i], a=x.a[i], b=x.b[i], stack=0)
+        if isinstance(x, jlora.LoRA) else x[i], stacked["layers"], is_leaf=jlora.is_lora)
+  shapes = jax.eval_shape(lambda k: G.init_params(G.tiny_config(**base, layers="unstacked"), k),
+                          jax.random.key(0))
+  assert jax.tree.structure(shapes) == jax.tree.structure(jlora.merge(unstacked))
+
+  results = []
+  for layers, unroll, tree in [("scan", 2, stacked), ("loop", 1, stacked),
+                               ("unstacked", 1, unstacked)]:
+    model = G.Gemma2(G.tiny_config(**base, layers=layers, scan_unroll=unroll))
+    fn = jlora.lora(lambda t, ids: model.apply({"params": t}, ids[:, :-1], ids[:, 1:]),
+                    strict=True)
+    train, frozen = jlora.split(tree)
+    loss, g = jax.jit(jax.value_and_grad(lambda tr: fn(jlora.combine(tr, frozen), ids)))(train)
+    qa = (g["layers"]["q_proj"]["kernel"].a if layers != "unstacked" else
+          jnp.stack([g[f"layers_{i}"]["q_proj"]["kernel"].a for i in range(2)]))
+    results.append((float(loss), np.asarray(qa, np.float32)))
+  assert np.abs(results[0][1]).max() > 0
+  for loss, qa in results[1:]:
+    np.testing.assert_allclose(loss, results[0][0], rtol=2e-3)
+    assert _rel(qa, results[0][1]) < 3e-2  # bf16 activations, other fusion orders
