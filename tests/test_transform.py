@@ -470,3 +470,46 @@ def test_random_einsums(data):
   x = jax.random.normal(jax.random.key(seed + 1), (3,) + tuple(kshape[i] for i in contracted))
   f = lambda p, x: jnp.einsum(f"{x_sub},{k_sub}->{o_sub}", x, p["q_proj"])
   assert_equivalent(f, t, x, rtol=1e-4, atol=1e-4)
+
+
+def _count_xa(jaxpr, x_shape, a_shape):
+  """dot_generals of an `x` and an `a` of these shapes, in the jaxpr and every sub-jaxpr."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      shapes = sorted(tuple(v.aval.shape) for v in eqn.invars)
+      n += shapes == sorted([tuple(x_shape), tuple(a_shape)])
+    for sub in _subjaxprs(eqn.params):
+      n += _count_xa(sub, x_shape, a_shape)
+  return n
+
+
+def _subjaxprs(params):
+  for v in params.values():
+    for j in (v if isinstance(v, (list, tuple)) else [v]):
+      if hasattr(j, "eqns"):
+        yield j
+      elif hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
+        yield j.jaxpr
+
+
+def test_adapter_activation_is_named_for_remat_policies():
+  """A policy that saves "jlora_xa" keeps x·a for the backward pass instead of recomputing it."""
+  kw, kx = jax.random.split(jax.random.key(7))
+  tree = randomize_b(jlora.apply({"q_proj": jax.random.normal(kw, (32, 48))}, rank=4))
+  x = jax.random.normal(kx, (16, 32))
+  train, frozen = jlora.split(tree)
+
+  def grad_of(policy):
+    f = jax.checkpoint(lambda p, x: jnp.sum(jnp.tanh(x @ p["q_proj"]) ** 2), policy=policy)
+    g = lambda tr: jlora.lora(f, strict=True)(jlora.combine(tr, frozen), x)
+    return jax.make_jaxpr(jax.grad(g))(train).jaxpr, jax.grad(g)(train)
+
+  cp = jax.checkpoint_policies
+  recompute, g0 = grad_of(cp.nothing_saveable)
+  saved, g1 = grad_of(cp.save_only_these_names("jlora_xa"))
+  assert _count_xa(recompute, (16, 32), (32, 4)) == 2  # the forward's and the backward's
+  assert _count_xa(saved, (16, 32), (32, 4)) == 1
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(g0["q_proj"].a).max()) > 0

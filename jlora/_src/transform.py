@@ -18,6 +18,11 @@ rewritten by rules:
 * weight-only ops keep the factoring: `convert_element_type`, `transpose`,
   axis-regrouping `reshape`/`squeeze`, `sharding_constraint`, `copy`, and
   slicing along stack axes (`slice`, `dynamic_slice`).
+* the rank-wide adapter activation `x·A` (and `conv(x, A)`) is named
+  `"jlora_xa"` (`jax.ad_checkpoint.checkpoint_name`), so a remat policy such as
+  `jax.checkpoint_policies.save_only_these_names("jlora_xa", ...)` can keep it
+  (r values per token) instead of recomputing it, and its input, in the
+  backward pass.
 * control flow is rebuilt around the interpreter with JAX's public API:
   nested `jit` is inlined, `lax.scan` (stacked leaves are sliced per layer and
   stay factored), `jax.checkpoint`/`nn.remat` (policy kept), `lax.cond`/`switch`,
@@ -49,6 +54,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
@@ -114,6 +120,10 @@ def _is_lv(x) -> bool:
   return isinstance(x, _LV)
 
 
+# The name of every adapter activation `x·a` (rank-wide), for remat policies.
+XA_NAME = "jlora_xa"
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -126,7 +136,8 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   `stacked=` are sliced per layer), `jax.checkpoint`/`nn.remat`,
   `lax.cond`/`switch` and `lax.while_loop`; see the module docstring for the
   full rule set. Call it under `jax.jit` (or `jlora.train_step`): each call
-  traces `fn`.
+  traces `fn`. Each adapter activation `x·a` is named `"jlora_xa"` for remat
+  policies (`jax.checkpoint_policies.save_only_these_names("jlora_xa", ...)`).
 
   Args:
     fn: any function of pytrees of arrays, e.g. a Flax `model.apply`.
@@ -296,7 +307,7 @@ def _dot_general(ctx, eqn, invals):
                  precision=prec, preferred_element_type=pet)
   if lv.scale != 1.0:
     t = t * jnp.asarray(lv.scale, t.dtype)
-  t = t.astype(jnp.result_type(x.dtype, cdt))
+  t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
   y = jnp.einsum(f"{''.join(t_lab)},{''.join(b_lab)}->{''.join(out)}", t, b,
                  precision=prec, preferred_element_type=pet)
   return base + y.astype(base.dtype)
@@ -488,6 +499,7 @@ def _conv(ctx, eqn, invals):
   z = _bind(eqn, [x, a])
   if lv.scale != 1.0:
     z = z * jnp.asarray(lv.scale, z.dtype)
+  z = checkpoint_name(z, XA_NAME)
   y = jnp.moveaxis(jnp.moveaxis(z, feat_axis, -1) @ lv.b.astype(z.dtype), -1, feat_axis)
   return base + y.astype(base.dtype)
 
