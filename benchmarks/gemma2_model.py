@@ -47,7 +47,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REMAT_POLICIES = ("none", "names", "wide", "dots", "nothing")
+REMAT_POLICIES = ("none", "names", "wide", "names_xa", "wide_xa", "dots", "nothing")
 # What "wide" keeps beyond "names": the normed block inputs, q and k after RoPE, the GeGLU product.
 WIDE_NAMES = ("attn_in", "q_rope", "k_rope", "ffw_in", "mlp_act")
 ATTENTIONS = ("cudnn", "xla", "softcap")
@@ -77,7 +77,9 @@ class Gemma2Config:
       matmul output without batch dimensions (XLA's
       `dots_with_no_batch_dims_saveable`, so base and LoRA-branch outputs are
       kept apart) plus the attention kernel's outputs; `"nothing"`: only the
-      block inputs; `"none"`: no rematerialization.
+      block inputs; `"none"`: no rematerialization. `"wide"` also keeps the
+      normed block inputs, RoPE'd q and k and the GeGLU product; a `"_xa"`
+      suffix (`"names_xa"`, `"wide_xa"`) also keeps the adapters' `x·a`.
     loss_chunk: tokens per chunk of the fused cross-entropy; 0 computes the
       full logits (the plain reference path).
     layers: how the blocks run. `"scan"`: `nn.scan` over one `Block`, weights
@@ -243,17 +245,25 @@ def _is_fused_attention(prim) -> bool:
 
 
 def remat_policy(name: str):
-  """The `jax.checkpoint` policy for `Gemma2Config.remat` (None for `"none"`)."""
+  """The `jax.checkpoint` policy for `Gemma2Config.remat` (None for `"none"`).
+
+  `"names_xa"` and `"wide_xa"` also keep every LoRA adapter activation `x·a`,
+  which `jlora.lora` names `"jlora_xa"` (r values per token), instead of
+  recomputing it and its input in the backward pass.
+  """
   if name == "none":
     return None
   if name == "nothing":
     return jax.checkpoint_policies.nothing_saveable
+  xa = ("jlora_xa",) if name.endswith("_xa") else ()
+  name = name.removesuffix("_xa")
   if name == "dots":
     keep = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   elif name == "wide":
-    keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention", *WIDE_NAMES)
+    keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention", *WIDE_NAMES,
+                                                         *xa)
   else:
-    keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention")
+    keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention", *xa)
 
   def policy(prim, *args, **params):
     # The fused attention kernel's outputs (attention output and softmax

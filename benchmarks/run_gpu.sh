@@ -92,6 +92,8 @@ phase_jlora() {
   job 60 200 jlora qv4_dots $J qv4 --remat dots --tag dots
   job 60 200 jlora all16_dots $J all16 --remat dots --tag dots
   job 60 200 jlora qv4_wide $J qv4 --remat wide --tag wide
+  job 60 200 jlora qv4_names_xa $J qv4 --remat names_xa --tag names_xa
+  job 60 200 jlora all16_wide_xa $J all16 --remat wide_xa --tag wide_xa
   job 60 200 jlora qv4_plainloss $J qv4 --chunk 0 --tag plainloss
   job 60 200 jlora qv4_chunk2048 $J qv4 --chunk 2048 --tag chunk2048
   job 40 150 jlora qv4_scan $J qv4 --layers scan --tag scan
