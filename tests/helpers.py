@@ -24,6 +24,14 @@ def randomize_b(tree, seed=1):
   return jax.tree.map(f, tree, is_leaf=jlora.is_lora)
 
 
+def iter_eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan, remat, ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from iter_eqns(sub)
+
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import jlora
+from tests.helpers import iter_eqns, randomize_b
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 import gemma2_model as G  # noqa: E402
@@ -87,11 +88,8 @@ def test_layer_layouts_compute_the_same_loss_and_adapter_gradients():
   base = dict(num_layers=2, remat="names", loss_chunk=24, width=32, ffw_width=64, vocab_size=256)
   ids = jax.random.randint(jax.random.key(3), (2, 21), 0, 256)
   params = jax.jit(G.init_params, static_argnums=0)(G.tiny_config(**base), jax.random.key(0))
-  stacked = jlora.apply(params, rank=4, stacked=r"^layers/", key=jax.random.key(5))
   # b = 0 would hide a wrong adapter path: random b.
-  stacked = jax.tree.map(
-      lambda x: dataclasses.replace(x, b=jax.random.normal(jax.random.key(6), x.b.shape) * 0.1)
-      if isinstance(x, jlora.LoRA) else x, stacked, is_leaf=jlora.is_lora)
+  stacked = randomize_b(jlora.apply(params, rank=4, stacked=r"^layers/", key=jax.random.key(5)))
   unstacked = {k: v for k, v in stacked.items() if k != "layers"}
   for i in range(2):  # the same adapters, one block each
     unstacked[f"layers_{i}"] = jax.tree.map(
@@ -119,15 +117,7 @@ def test_layer_layouts_compute_the_same_loss_and_adapter_gradients():
 
 
 def _count_dots(jaxpr):
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == "dot_general"
-    for v in eqn.params.values():
-      for j in (v if isinstance(v, (list, tuple)) else [v]):
-        sub = j if hasattr(j, "eqns") else getattr(j, "jaxpr", None)
-        if sub is not None and hasattr(sub, "eqns"):
-          n += _count_dots(sub)
-  return n
+  return sum(e.primitive.name == "dot_general" for e in iter_eqns(jaxpr))
 
 
 def test_remat_policies_that_keep_the_adapter_activations():
@@ -136,10 +126,8 @@ def test_remat_policies_that_keep_the_adapter_activations():
               layers="unstacked")
   ids = jax.random.randint(jax.random.key(3), (2, 21), 0, 256)
   params = jax.jit(G.init_params, static_argnums=0)(G.tiny_config(**base), jax.random.key(0))
-  tree = jlora.apply(params, rank=4, targets="all-linear", key=jax.random.key(5))
-  tree = jax.tree.map(  # random b, so that the gradients of a are not zero
-      lambda x: dataclasses.replace(x, b=jax.random.normal(jax.random.key(6), x.b.shape) * 0.1)
-      if isinstance(x, jlora.LoRA) else x, tree, is_leaf=jlora.is_lora)
+  # random b, so that the gradients of a are not zero
+  tree = randomize_b(jlora.apply(params, rank=4, targets="all-linear", key=jax.random.key(5)))
   train, frozen = jlora.split(tree)
   out = {}
   for remat in ("names", "names_xa", "wide_xa"):

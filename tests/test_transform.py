@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import jlora
+from tests.helpers import iter_eqns
 
 KEY = jax.random.key(0)
 
@@ -395,21 +396,14 @@ def test_vmap_over_stacked_weights_as_batch_dims():
 
 
 def _dot_output_sizes(jaxpr, out):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      out.append(tuple(eqn.outvars[0].aval.shape))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      _dot_output_sizes(sub, out)
+  out += [tuple(e.outvars[0].aval.shape) for e in iter_eqns(jaxpr)
+          if e.primitive.name == "dot_general"]
   return out
 
 
-def _max_intermediate(jaxpr, best=0):
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      best = _max_intermediate(sub, best)
-  return best
+def _max_intermediate(jaxpr):
+  return max(int(np.prod(getattr(v.aval, "shape", ()))) for e in iter_eqns(jaxpr)
+             for v in e.outvars)
 
 
 def test_factored_matmuls_are_two_skinny_matmuls():
@@ -473,24 +467,10 @@ def test_random_einsums(data):
 
 
 def _count_xa(jaxpr, x_shape, a_shape):
-  """dot_generals of an `x` and an `a` of these shapes, in the jaxpr and every sub-jaxpr."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      shapes = sorted(tuple(v.aval.shape) for v in eqn.invars)
-      n += shapes == sorted([tuple(x_shape), tuple(a_shape)])
-    for sub in _subjaxprs(eqn.params):
-      n += _count_xa(sub, x_shape, a_shape)
-  return n
-
-
-def _subjaxprs(params):
-  for v in params.values():
-    for j in (v if isinstance(v, (list, tuple)) else [v]):
-      if hasattr(j, "eqns"):
-        yield j
-      elif hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
-        yield j.jaxpr
+  """dot_generals of an `x` and an `a` of these shapes, nested jaxprs included."""
+  want = sorted([tuple(x_shape), tuple(a_shape)])
+  return sum(sorted(tuple(v.aval.shape) for v in e.invars) == want for e in iter_eqns(jaxpr)
+             if e.primitive.name == "dot_general")
 
 
 def test_adapter_activation_is_named_for_remat_policies():

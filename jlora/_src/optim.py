@@ -27,9 +27,13 @@ def labels(tree: Any) -> Any:
   return jax.tree_util.tree_map(lab, tree, is_leaf=lambda x: x is None or is_node(x))
 
 
-def _has_trainable(tree) -> bool:
-  return any(isinstance(x, (LoRA, Trainable))
-             for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node))
+def _require_trainable(tree, who: str) -> None:
+  """Raises unless `tree` holds a `LoRA` or `Trainable` leaf; `who` names the caller."""
+  if not any(isinstance(x, (LoRA, Trainable))
+             for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node)):
+    raise ValueError(
+        f"{who}: the tree holds no jlora.LoRA or jlora.Trainable leaf, so there is nothing to "
+        f"train. Call jlora.apply(params, ...) first.")
 
 
 def optimizer(tx: optax.GradientTransformation, tree: Any = None) -> optax.GradientTransformation:
@@ -58,10 +62,8 @@ def optimizer(tx: optax.GradientTransformation, tree: Any = None) -> optax.Gradi
     >>> sum(x.size for x in jax.tree.leaves(state))  # moments of a and b only (+ count)
     41
   """
-  if tree is not None and not _has_trainable(tree):
-    raise ValueError(
-        "jlora.optimizer: the tree holds no jlora.LoRA or jlora.Trainable leaf, so there is "
-        "nothing to train. Call jlora.apply(params, ...) first.")
+  if tree is not None:
+    _require_trainable(tree, "jlora.optimizer")
   return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
 
 
@@ -101,10 +103,7 @@ class TrainStep:
     functools.update_wrapper(self, loss_fn, updated=())
 
   def init(self, tree: Any) -> Any:
-    if not _has_trainable(tree):
-      raise ValueError(
-          "jlora.train_step: the tree holds no jlora.LoRA or jlora.Trainable leaf, so there is "
-          "nothing to train. Call jlora.apply(params, ...) first.")
+    _require_trainable(tree, "jlora.train_step")
     return self.tx.init(split(tree).trainable)
 
   def _impl(self, trainable, opt_state, frozen, /, *args, **kwargs):

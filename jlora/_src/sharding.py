@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
-from jlora._src.optim import _has_trainable, optimizer, update
+from jlora._src.optim import _require_trainable, optimizer, update
 from jlora._src.tree import combine, split
 
 ADAPTERS = ("derived", "replicated")
@@ -367,15 +367,22 @@ def shardings(tree: Any, mesh: Mesh | None = None, *,
     >>> sh["q_proj"].a.spec, sh["q_proj"].b.spec == t["q_proj"].b.sharding.spec
     (P('fsdp',), True)
   """
+  specs, m = _specs_and_mesh(
+      tree, mesh, rules, base, adapters, "jlora.shardings",
+      "Pass one, e.g. jlora.shardings(tree, jax.make_mesh((2, 4), ('data', 'fsdp'))), or call "
+      "it inside `with jax.set_mesh(mesh):`.")
+  return _to_named(specs, m)
+
+
+def _specs_and_mesh(tree, mesh, rules, base, adapters, who: str, fix: str):
+  """The tree's PartitionSpecs and the mesh they live on (given, or found in the tree)."""
   walker = _Walker(rules, base, adapters)
   specs = walker.run(tree)
   m = _find_mesh(walker, mesh)
   if m is None:
-    raise ValueError(
-        "jlora.shardings: no mesh: the tree holds no array with a NamedSharding and no "
-        "mesh is set. Pass one, e.g. jlora.shardings(tree, jax.make_mesh((2, 4), "
-        "('data', 'fsdp'))), or call it inside `with jax.set_mesh(mesh):`.")
-  return _to_named(specs, m)
+    raise ValueError(f"{who}: no mesh: the tree holds no array with a NamedSharding and no "
+                     f"mesh is set. {fix}")
+  return specs, m
 
 
 def _norm_path(path) -> tuple[str, ...]:
@@ -415,13 +422,8 @@ def state_shardings(state: Any, tree: Any, mesh: Mesh | None = None, *,
     >>> sh.inner_states["train"].inner_state[0].mu["q_proj"].a.spec
     P('fsdp',)
   """
-  walker = _Walker(rules, base, adapters)
-  specs = walker.run(tree)
-  m = _find_mesh(walker, mesh)
-  if m is None:
-    raise ValueError(
-        "jlora.state_shardings: no mesh: the tree holds no array with a NamedSharding and "
-        "no mesh is set. Pass one: jlora.state_shardings(state, tree, mesh).")
+  specs, m = _specs_and_mesh(tree, mesh, rules, base, adapters, "jlora.state_shardings",
+                             "Pass one: jlora.state_shardings(state, tree, mesh).")
   by_path: dict[tuple[str, ...], tuple[tuple[int, ...], PartitionSpec]] = {}
   arrays = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)[0]
   flat_specs = jax.tree_util.tree_flatten_with_path(
@@ -622,10 +624,7 @@ class ShardedTrainStep:
     return PartitionSpec(ax if len(ax) > 1 else (ax[0] if ax else None))
 
   def init(self, tree: Any) -> Any:
-    if not _has_trainable(tree):
-      raise ValueError(
-          "jlora.sharded_train_step: the tree holds no jlora.LoRA or jlora.Trainable leaf, "
-          "so there is nothing to train. Call jlora.apply(params, ...) first.")
+    _require_trainable(tree, "jlora.sharded_train_step")
     self.shardings = shardings(tree, self.mesh, **self._kw)
     trainable = split(tree).trainable
     state_shape = jax.eval_shape(self.tx.init, trainable)

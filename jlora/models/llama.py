@@ -399,17 +399,8 @@ _GGUF_BLOCK = {  # gguf name inside blk.N -> (our group, our module, kind)
     "ffn_down": ("mlp", "down_proj", "kernel"),
 }
 
-_HF_BLOCK = {  # HF name inside model.layers.N -> same
-    "input_layernorm": ("input_layernorm", None, "scale"),
-    "post_attention_layernorm": ("post_attention_layernorm", None, "scale"),
-    "self_attn.q_proj": ("self_attn", "q_proj", "kernel"),
-    "self_attn.k_proj": ("self_attn", "k_proj", "kernel"),
-    "self_attn.v_proj": ("self_attn", "v_proj", "kernel"),
-    "self_attn.o_proj": ("self_attn", "o_proj", "kernel"),
-    "mlp.gate_proj": ("mlp", "gate_proj", "kernel"),
-    "mlp.up_proj": ("mlp", "up_proj", "kernel"),
-    "mlp.down_proj": ("mlp", "down_proj", "kernel"),
-}
+# HF name inside model.layers.N -> the same triples ("self_attn.q_proj", or the norm's name)
+_HF_BLOCK = {(f"{g}.{m}" if m else g): (g, m, kind) for g, m, kind in _GGUF_BLOCK.values()}
 
 
 def smollm2_path() -> Path:
