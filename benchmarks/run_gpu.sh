@@ -10,6 +10,8 @@
 #                                        # loss variants, the scan layout
 #   bash benchmarks/run_gpu.sh explore   # layer layouts and XLA options, with kernel profiles and
 #                                        # the compiled HLO
+#   bash benchmarks/run_gpu.sh tune      # the two final configurations with profiles, and their
+#                                        # remat, loss-chunk and XLA variants
 #   bash benchmarks/run_gpu.sh all       # final, then jlora
 #
 # Expects the three baseline scripts (PEFT, keras-hub, hand-written JAX) in .bench/ and, for keras-hub,
@@ -117,6 +119,23 @@ phase_explore() {
   job 30 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
 }
 
+# The two final configurations with kernel profiles, then their variants: remat policies that keep
+# more (or jlora's x·a), one loss chunk instead of two, and XLA's dot merger off (it concatenates
+# the q/k/v kernels on every step to run one GEMM).
+phase_tune() {
+  local NOMERGE="env XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0"
+  gpu_line
+  job 15 60 jlora peak $J peak
+  job 70 200 jlora qv4_names $J qv4 --remat names --tag names --profile --profile-out "$PROF"
+  job 80 200 jlora all16_wide $J all16 --remat wide --tag wide --profile --profile-out "$PROF"
+  job 60 200 jlora all16_wide_xa $J all16 --remat wide_xa --tag wide_xa
+  job 55 200 jlora qv4_nomerge $NOMERGE $J qv4 --remat names --tag nomerge
+  job 55 200 jlora qv4_wide $J qv4 --remat wide --tag wide
+  job 55 200 jlora qv4_chunk8192 $J qv4 --remat names --chunk 8192 --tag chunk8192
+  job 60 200 jlora all16_wide_xa_nomerge $NOMERGE $J all16 --remat wide_xa --tag wide_xa_nomerge
+  job 55 200 jlora qv4_names_xa $J qv4 --remat names_xa --tag names_xa
+}
+
 # Everything side by side in one call: the baselines first, then the hand-written anchors, then
 # jlora (unstacked blocks) with the remat and XLA variants, most important first.
 phase_final() {
@@ -141,8 +160,9 @@ phase_final() {
 case "$PHASE" in
   jlora) phase_jlora ;;
   explore) phase_explore ;;
+  tune) phase_tune ;;
   final) phase_final ;;
   all) BUDGET=${BUDGET_ALL:-100000}; phase_final; phase_jlora ;;
-  *) echo "usage: $0 final|jlora|explore|all" >&2; exit 2 ;;
+  *) echo "usage: $0 final|jlora|explore|tune|all" >&2; exit 2 ;;
 esac
 echo "### done in $(( $(date +%s) - START ))s" | tee -a "$LOG"
