@@ -1,8 +1,38 @@
-"""Shared session-scoped fixtures: real pretrained models, loaded once per session."""
+"""Shared session-scoped fixtures (real pretrained models, loaded once per session), and the
+background lane that runs the subprocess jobs of `helpers.Background` beside the other tests."""
 
+import threading
 import types
 
 import pytest
+
+_JOBS = []  # the Background jobs started for this session
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "background(job): the test needs tests.helpers.Background `job`, which is "
+                 "started right after collection and runs beside the tests before it")
+
+
+def pytest_collection_finish(session):
+  """Starts one thread that runs the selected tests' Background jobs, one after another."""
+  if session.config.option.collectonly:
+    return
+  for item in session.items:
+    for mark in item.iter_markers("background"):
+      if not any(job is mark.args[0] for job in _JOBS):
+        _JOBS.append(mark.args[0])
+  if _JOBS:
+    def lane(jobs=tuple(_JOBS)):
+      for job in jobs:
+        job.run()
+    threading.Thread(target=lane, name="background-jobs", daemon=True).start()
+
+
+def pytest_sessionfinish(session):
+  for job in _JOBS:
+    job.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 import doctest
 import json
 import math
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +12,14 @@ from safetensors.numpy import save_file
 
 import jlora
 from jlora.models import bert
+from tests.helpers import rand, random_params
 
 
 def _random_params(cfg, seed=0):
+  """Every leaf random (numpy, not jax.random: no XLA compilation per leaf shape)."""
   ids = jnp.ones((1, 4), jnp.int32)
   shapes = jax.eval_shape(bert.Bert(cfg).init, jax.random.key(0), ids, ids)["params"]
-
-  def draw(path, x):
-    k = jax.random.fold_in(jax.random.key(seed), zlib.crc32(jax.tree_util.keystr(path).encode()))
-    z = jax.random.normal(k, x.shape)
-    return 1.0 + 0.1 * z if path[-1].key == "scale" else 0.2 * z
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return random_params(shapes, seed)
 
 
 def _to_hf(params):
@@ -82,7 +77,7 @@ def test_forward_and_loader_match_numpy_reference(tmp_path):
   cfg2, loaded = bert.from_safetensors(tmp_path)
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
-  ids = np.asarray(jax.random.randint(jax.random.key(3), (2, 7), 1, cfg.vocab_size))
+  ids = np.random.default_rng(3).integers(1, cfg.vocab_size, (2, 7)).astype(np.int32)
   mask = np.array([[1] * 7, [1] * 4 + [0] * 3])
   got = jax.jit(bert.Bert(cfg).apply)({"params": loaded}, ids, mask)
   want = _reference(sd, cfg, ids, mask)
@@ -105,10 +100,9 @@ def test_lora_factored_equals_merged():
   params = _random_params(cfg, seed=4)
   tree = jlora.apply(params, rank=2)
   trainable, frozen = jlora.split(tree)
-  trainable = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.key(x.size), x.shape),
-                           trainable)
+  trainable = jax.tree.map(lambda x: rand(x.shape, seed=x.size, scale=0.3), trainable)
   tree = jlora.combine(trainable, frozen)
-  ids = jax.random.randint(jax.random.key(5), (2, 6), 1, cfg.vocab_size)
+  ids = jnp.asarray(np.random.default_rng(5).integers(1, cfg.vocab_size, (2, 6)), jnp.int32)
   mask = jnp.ones((2, 6), jnp.int32)
   model = bert.Bert(cfg)
   merged = jax.jit(model.apply)({"params": jlora.merge(tree)}, ids, mask)

@@ -3,7 +3,6 @@
 import dataclasses
 import doctest
 import json
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ from safetensors.numpy import save_file
 
 import jlora
 from jlora.models import llama
+from tests.helpers import rand, random_params
 
 PLAIN_ENGLISH = (
     "Photosynthesis is the process by which green plants use sunlight to make their own food. "
@@ -23,15 +23,15 @@ PLAIN_ENGLISH = (
 
 
 def _random_params(cfg, seed=0):
-  """A tiny model's parameters, every leaf random (norm scales around 1)."""
+  """A tiny model's parameters, every leaf random (norm scales around 1; numpy, not jax.random:
+  no XLA compilation per leaf shape)."""
   shapes = jax.eval_shape(llama.Llama(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  return random_params(shapes["params"], seed)
 
-  def draw(path, x):
-    k = jax.random.fold_in(jax.random.key(seed), zlib.crc32(jax.tree_util.keystr(path).encode()))
-    z = jax.random.normal(k, x.shape)
-    return 1.0 + 0.1 * z if path[-1].key == "scale" else 0.2 * z
 
-  return jax.tree_util.tree_map_with_path(draw, shapes["params"])
+def _tokens(seed, shape, vocab):
+  """Random token ids (numpy: no XLA compilation per shape)."""
+  return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
 
 def _reference_logits(sd, cfg, tokens):
@@ -78,7 +78,7 @@ def _reference_logits(sd, cfg, tokens):
 def test_forward_matches_numpy_reference(tied):
   cfg = llama.LlamaConfig.tiny(tie_word_embeddings=tied)
   params = _random_params(cfg, seed=int(tied))
-  tokens = np.asarray(jax.random.randint(jax.random.key(5), (2, 11), 0, cfg.vocab_size))
+  tokens = _tokens(5, (2, 11), cfg.vocab_size)
   got = jax.jit(llama.Llama(cfg).apply)({"params": params}, jnp.asarray(tokens))
   want = _reference_logits(llama.to_hf_state_dict(params, cfg), cfg, tokens)
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
@@ -87,7 +87,7 @@ def test_forward_matches_numpy_reference(tied):
 def test_remat_and_left_padding_give_the_same_logits():
   cfg = llama.LlamaConfig.tiny()
   params = _random_params(cfg, seed=3)
-  tokens = jax.random.randint(jax.random.key(6), (1, 9), 0, cfg.vocab_size)
+  tokens = jnp.asarray(_tokens(6, (1, 9), cfg.vocab_size))
   base = jax.jit(llama.Llama(cfg).apply)({"params": params}, tokens)
   remat_model = llama.Llama(dataclasses.replace(cfg, remat=True))
   remat = jax.jit(remat_model.apply)({"params": params}, tokens)
@@ -121,11 +121,10 @@ def test_lora_factored_equals_merged_without_materializing():
   tree = jlora.apply(params, rank=4, targets="all-linear", stacked=r"^layers/")
   # Random b so the adapters are non-zero.
   trainable, frozen = jlora.split(tree)
-  trainable = jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(x.size), x.shape),
-                           trainable)
+  trainable = jax.tree.map(lambda x: rand(x.shape, seed=x.size, scale=0.1), trainable)
   tree = jlora.combine(trainable, frozen)
   model = llama.Llama(dataclasses.replace(cfg, remat=True))
-  tokens = jax.random.randint(jax.random.key(8), (2, 7), 0, cfg.vocab_size)
+  tokens = jnp.asarray(_tokens(8, (2, 7), cfg.vocab_size))
   merged = jax.jit(model.apply)({"params": jlora.merge(tree)}, tokens)
   factored = jax.jit(jlora.lora(model.apply, strict=True))({"params": tree}, tokens)
   assert float(jnp.abs(merged - jax.jit(model.apply)({"params": params}, tokens)).max()) > 1e-3

@@ -2,17 +2,15 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jlora
-from tests.helpers import run_notebook
-from recipes import shakespeare, tweets
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import Background, rand, random_params
+from recipes import shakespeare
 
 
 def _fresh_copy(smollm2):
@@ -26,12 +24,14 @@ def _fresh_copy(smollm2):
 def test_shakespeare_lora_lowers_held_out_hamlet_nll(smollm2, tmp_path, monkeypatch):
   monkeypatch.setattr(shakespeare.llama, "from_gguf", _fresh_copy(smollm2))
   monkeypatch.setattr(shakespeare.llama, "tokenizer_from_gguf", lambda path=None: smollm2.tokenizer)
-  r = shakespeare.main(["--steps", "20", "--batch-size", "4", "--seq-len", "64", "--lr", "3e-3",
+  # 6 steps of 2 windows of 64 tokens (each a 135M-parameter forward and backward): the held-out
+  # NLL drops by ~0.47 (~0.64 after 20 steps of 4), over twice the margin asserted.
+  r = shakespeare.main(["--steps", "6", "--batch-size", "2", "--seq-len", "64", "--lr", "6e-3",
                         "--eval-windows", "6", "--sample-tokens", "6", "--no-progress",
                         "--out", str(tmp_path)])
   assert r["nll_before"] - r["nll_after"] >= 0.2, (r["nll_before"], r["nll_after"])
   assert r["frozen_unchanged"] and r["restored_logits_identical"]
-  assert len(r["losses"]) == 20 and len(r["samples_after"]) == len(shakespeare.PROMPTS)
+  assert len(r["losses"]) == 6 and len(r["samples_after"]) == len(shakespeare.PROMPTS)
   assert r["trainable_params"] == 460_800
   assert (tmp_path / "loss.png").stat().st_size > 10_000
   assert any((tmp_path / "adapter").iterdir())
@@ -44,17 +44,27 @@ def test_shakespeare_flags():
   assert shakespeare.parse_args(["--merge", "--remat"]).remat
 
 
-def test_tweets_lora_beats_frozen_encoder(tmp_path):
-  r = tweets.main(["--n-train", "480", "--n-test", "400", "--max-len", "40", "--steps", "40",
-                   "--lr", "1e-2", "--no-progress", "--out", str(tmp_path)])
+# The recipe's command line, run beside the tests before its test (tests/conftest.py). 30 steps
+# of 24 tweets: the same held-out accuracy (0.8775 against the baseline's 0.825) as 40 of 32.
+TWEETS = Background.module(
+    "recipes.tweets", "--n-train", "480", "--n-test", "400", "--max-len", "40", "--steps", "30",
+    "--batch-size", "24", "--lr", "1e-2", "--no-progress", "--out", "{out}", timeout=900)
+
+
+@pytest.mark.background(TWEETS)
+def test_tweets_lora_beats_frozen_encoder():
+  TWEETS.output()
+  r = json.loads((TWEETS.out / "metrics.json").read_text())  # what tweets.main returned
   assert r["lora_accuracy"] > r["baseline_accuracy"] + 0.01, r
   assert r["baseline_accuracy"] > 0.7  # the frozen encoder is already a decent baseline
 
 
-def test_colab_notebook_short_configuration(monkeypatch):
-  monkeypatch.setenv("JLORA_NB_SMALL", "1")
-  monkeypatch.setenv("PYTHONPATH", str(REPO))
-  text = run_notebook("shakespeare_lora.ipynb", timeout=600)
+NOTEBOOK = Background.notebook("shakespeare_lora.ipynb", timeout=600, JLORA_NB_SMALL="1")
+
+
+@pytest.mark.background(NOTEBOOK)
+def test_colab_notebook_short_configuration():
+  text = NOTEBOOK.output()  # run in a fresh kernel, beside the tests before this one
   assert "Paris" in text
   assert "Trainable params: 460,800" in text
   assert "restored logits identical: True; frozen weights unchanged: True" in text
@@ -64,12 +74,12 @@ def test_factored_and_merged_forward_agree():
   from jlora.models import llama
   cfg = llama.LlamaConfig.tiny()
   model = llama.Llama(cfg)
-  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
-  tree = jlora.apply(model.init(jax.random.key(1), tokens)["params"], rank=4,
-                     stacked=r"^layers/")
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
+  # Random weights and adapters from numpy: no XLA compilation per op or per shape.
+  params = random_params(jax.eval_shape(model.init, jax.random.key(1), tokens)["params"])
+  tree = jlora.apply(params, rank=4, stacked=r"^layers/")
   t, f = jlora.split(tree)
-  tree = jlora.combine(jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape),
-                                    t), f)
+  tree = jlora.combine(jax.tree.map(lambda x: rand(x.shape, seed=x.size), t), f)
   merged = jax.jit(shakespeare.make_forward(model, True))(tree, tokens)
   factored = jax.jit(shakespeare.make_forward(model, False))(tree, tokens)
   assert float(jnp.abs(merged).max()) > 0

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from tests.helpers import Background
 
 # The Llama decoder's FSDP x tensor layout (frozen base), shared with the worker.
 LLAMA_RULES = [
@@ -90,7 +92,6 @@ def test_errors_name_the_path_and_the_fix():
   import jax
   import jax.numpy as jnp
   import jlora
-  import pytest
   from jax.sharding import PartitionSpec as P
   from jlora._src.sharding import partition_specs, path_specs, shardings
   params = {"q_proj": jax.ShapeDtypeStruct((8, 16), jnp.float32)}
@@ -107,24 +108,28 @@ def test_errors_name_the_path_and_the_fix():
 
 # ----------------------------------------------------------------------------- 8 host devices
 
+def _worker_env(env):
+  env = dict(env)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+  env["JAX_PLATFORMS"] = "cpu"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+# The worker runs beside the tests before these (tests/conftest.py starts it after collection).
+WORKER = Background([sys.executable, os.path.abspath(__file__)], env=_worker_env, timeout=600)
 _REPORT = None
 
 
 def _report() -> dict:
   global _REPORT
   if _REPORT is None:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _REPORT = json.loads(proc.stdout.strip().splitlines()[-1])
+    _REPORT = json.loads(WORKER.output().strip().splitlines()[-1])
   return _REPORT
 
 
+@pytest.mark.background(WORKER)
 def test_apply_places_adapters_after_sharded_weights():
   r = _report()
   assert r["devices"] == 8
@@ -137,6 +142,7 @@ def test_apply_places_adapters_after_sharded_weights():
   assert o["a"] == [None, "tensor"] and o["b"] == [None, None, "fsdp"]
 
 
+@pytest.mark.background(WORKER)
 def test_shardings_and_state_shardings():
   r = _report()
   assert r["shardings_match_arrays"]
@@ -147,6 +153,7 @@ def test_shardings_and_state_shardings():
   assert r["restore_target_ok"]
 
 
+@pytest.mark.background(WORKER)
 def test_sharded_step_equals_single_device_step():
   r = _report()
   assert len(r["loss_sharded"]) == 2
@@ -160,6 +167,7 @@ def test_sharded_step_equals_single_device_step():
   assert r["frozen_unchanged"]
 
 
+@pytest.mark.background(WORKER)
 def test_merge_keeps_the_weight_shardings():
   r = _report()
   assert r["merge_shardings_equal_w"]
@@ -174,6 +182,7 @@ def _norm(spec):
   return spec
 
 
+@pytest.mark.background(WORKER)
 def test_flax_boxes_and_nnx_metadata():
   r = _report()
   assert _norm(r["linen"]["a"]) == ["fsdp"] and _norm(r["linen"]["b"]) == [None, "tensor"]
@@ -183,6 +192,7 @@ def test_flax_boxes_and_nnx_metadata():
   assert r["nnx"]["specs"] == [["fsdp", "tensor"], ["fsdp"], [None, "tensor"]]
 
 
+@pytest.mark.background(WORKER)
 def test_factored_backward_gathers_no_extra_full_weight():
   h = _report()["hlo"]
   # FSDP: the forward all-gathers each full weight; the factored train step
@@ -234,7 +244,7 @@ def _worker() -> dict:
   model = llama.Llama(cfg)
   ks = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 4)
   tokens = jax.random.randint(ks[0], (8, 16), 0, cfg.vocab_size)
-  params = model.init(ks[1], tokens[:1])["params"]
+  params = jax.jit(model.init)(ks[1], tokens[:1])["params"]  # one compilation, not one per op
   base_specs = S.path_specs(params, _rules())
   sparams = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), base_specs))
   kw = dict(rank=4, targets="all-linear", stacked=r"^layers/", key=ks[2])

@@ -1,8 +1,6 @@
 """split/combine, merge/base, count/summary, and jit/grad/vmap through LoRA leaves."""
 
 import math
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 
 import jlora
-from tests.helpers import rand as _rand, randomize_b as _randomize_b
+from tests.helpers import Background, rand as _rand, randomize_b as _randomize_b
 
 
 def _reference_delta(leaf):
@@ -231,12 +229,16 @@ _SHARDING_SCRIPT = textwrap.dedent("""
 """)
 
 
+# Two host devices need a process of their own: run beside the tests before this one.
+TWO_DEVICES = Background(
+    [sys.executable, "-c", _SHARDING_SCRIPT], timeout=120,
+    env=lambda env: dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                         JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.background(TWO_DEVICES)
 def test_merge_keeps_sharding():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+  assert TWO_DEVICES.output().strip() == "ok"
 
 
 def test_summary_and_count_of_split_halves():
