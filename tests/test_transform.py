@@ -493,3 +493,60 @@ def test_adapter_activation_is_named_for_remat_policies():
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(g0["q_proj"].a).max()) > 0
+
+
+def _fold_case(k=24, n=64, r=8, m=16):
+  kw, kx = jax.random.split(jax.random.key(30))
+  tree = randomize_b(jlora.apply({"up_proj": jax.random.normal(kw, (k, n))}, rank=r,
+                                targets="all-linear"))
+  x = jax.random.normal(kx, (2, m, k))
+  return tree, x, lambda p, x: jnp.tanh(x @ p["up_proj"])
+
+
+def test_folded_adapter_matmul_equals_the_unfolded_one(monkeypatch):
+  """`[x, s·x·a]·[w; b]` as one matmul: same values, gradients (reverse and forward mode)
+  and no full weight gradient for a frozen w; w's own gradient when w is differentiated."""
+  from jlora._src import transform
+  tree, x, f = _fold_case()
+  lv = tree["up_proj"]
+  loss = lambda tr, x: jnp.sum(jlora.lora(f, strict=True)(tr, x) ** 2)
+  train, frozen = jlora.split(tree)
+  full = lambda tr, x: loss(jlora.combine(tr, frozen), x)
+  wgrad = lambda w, x: jax.grad(
+      lambda w: loss({"up_proj": jlora.LoRA(w, lv.a, lv.b, lv.alpha, lv.a_axes, lv.stack,
+                                            lv.rslora)}, x))(w)
+  tangent = jax.random.normal(jax.random.key(31), x.shape)
+  fwd_mode = lambda: jax.jvp(lambda x: jlora.lora(f)(tree, x), (x,), (tangent,))
+  res = {}
+  for mode in ("never", "always"):
+    monkeypatch.setattr(transform, "_FOLD", mode)
+    y = jlora.lora(f)(tree, x)
+    (val, g), gx = jax.value_and_grad(full)(train, x), jax.grad(full, 1)(train, x)
+    res[mode] = (y, val, g, gx, wgrad(lv.w, x), fwd_mode())
+    jaxpr = jax.make_jaxpr(jax.grad(full))(train, x).jaxpr
+    concats = [e for e in iter_eqns(jaxpr) if e.primitive.name == "concatenate"]
+    assert len(concats) == (2 if mode == "always" else 0)
+    dots = _dot_output_sizes(jaxpr, [])
+    assert (24, 64) not in dots and (32, 64) not in dots, dots  # no (K or K+r) x N gradient
+  for a, b in zip(jax.tree.leaves(res["always"]), jax.tree.leaves(res["never"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # float32, other summation orders
+  merged_w_grad = jax.grad(lambda w: jnp.sum(f({"up_proj": w + jlora.merge(tree)["up_proj"]
+                                                - lv.w}, x) ** 2))(lv.w)
+  np.testing.assert_allclose(res["always"][4], merged_w_grad, rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(res["always"][2]["up_proj"].a).max()) > 0
+
+
+def test_fold_rule_on_gpu_takes_wide_up_projections_only(monkeypatch):
+  """By default the fold runs on GPUs only, for N >= 2K and K + r a multiple of 8."""
+  from jlora._src import transform
+
+  def folds(k, n, r):
+    tree, x, f = _fold_case(k, n, r)
+    jaxpr = jax.make_jaxpr(jlora.lora(f))(tree, x).jaxpr
+    return any(e.primitive.name == "concatenate" for e in iter_eqns(jaxpr))
+
+  assert jax.default_backend() == "cpu" and not folds(24, 64, 8)
+  monkeypatch.setattr(transform.jax, "default_backend", lambda: "gpu")
+  assert folds(24, 64, 8) and folds(24, 48, 8)
+  assert not folds(24, 47, 8)  # N < 2K: the add is cheaper than the copies
+  assert not folds(24, 64, 4)  # K + r = 28: unaligned rows

@@ -10,7 +10,11 @@ rewritten by rules:
   EinsumDense lower to), with any contracting and batch dimensions:
   `x·W + s·((x·A)·B)`, in the leaf's own layout (per-head `a` included). The
   adapters are cast to the weight's compute dtype (a bf16 model with float32
-  adapters computes the adapter branch in bf16, as it computes `x·W`).
+  adapters computes the adapter branch in bf16, as it computes `x·W`). On GPUs,
+  a plain 2-D kernel with `N >= 2·K` (a feed-forward up-projection) runs as one
+  matmul `[x, s·x·A]·[W; B]`, because XLA there writes the adapter's output and
+  adds it in separate kernels; the backward pass is the same either way (no
+  full weight gradient). See `_fold_pays`.
 * `gather` of whole rows (`nn.Embed`, `jnp.take`): `w[i] + s·(a[i]·B)`.
 * `conv_general_dilated` (`nn.Conv`) when `b` spans exactly the output-feature
   axis (the Keras layout of a conv kernel): `conv(x, W) + s·(conv(x, A)·B)`;
@@ -275,7 +279,6 @@ def _dot_general(ctx, eqn, invals):
   lv, x = (lhs, rhs) if lv_is_lhs else (rhs, lhs)
   params = dict(eqn.params)
   (lc, rc), (lb, rb) = params["dimension_numbers"]
-  base = eqn.primitive.bind(*((lv.w, x) if lv_is_lhs else (x, lv.w)), **params)
   wc, xc = (lc, rc) if lv_is_lhs else (rc, lc)
   wb, xb = (lb, rb) if lv_is_lhs else (rb, lb)
 
@@ -308,9 +311,71 @@ def _dot_general(ctx, eqn, invals):
   if lv.scale != 1.0:
     t = t * jnp.asarray(lv.scale, t.dtype)
   t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
+  if not lv_is_lhs and params.get("out_sharding") is None and _fold_pays(x, lv, t, wc, xc, wb):
+    return _folded_matmul(x, t, lv.w, b, pet, prec)
+  base = eqn.primitive.bind(*((lv.w, x) if lv_is_lhs else (x, lv.w)), **params)
   y = jnp.einsum(f"{''.join(t_lab)},{''.join(b_lab)}->{''.join(out)}", t, b,
                  precision=prec, preferred_element_type=pet)
   return base + y.astype(base.dtype)
+
+
+# When `x·W + (s·x·A)·B` runs as one matmul `[x, s·x·A]·[W; B]` (see `_fold_pays`):
+# "auto" (on GPUs, where it pays), "always" (wherever the layout allows), "never".
+_FOLD = "auto"
+
+
+def _fold_pays(x, lv: _LV, t, wc, xc, wb) -> bool:
+  """Whether to fold the adapter's second matmul into the frozen one.
+
+  `x·W + t·B` is `[x, t]·[W; B]` (t = s·x·A): one GEMM over `K + r` instead of
+  the frozen GEMM, a rank-`r` GEMM writing a second `M x N` output, and an add
+  reading both. On GPUs XLA runs that add as its own kernel (it does not fuse it
+  into the cuBLAS call), so when `N` is large it costs more than copying `x`
+  and `W` into the concatenations: `4·M·N` against `2·M·K + 2·K·N` elements
+  moved; the rule folds when `N >= 2·K` (a feed-forward up-projection). Only for
+  a plain 2-D kernel contracted on its first axis against `x`'s last, with one
+  dtype, and `K + r` a multiple of 8 (aligned GEMM rows).
+  """
+  if _FOLD == "never":
+    return False
+  w = lv.w
+  plain = (w.ndim == 2 and lv.stack == 0 and tuple(lv.a_axes) == (0,) and not wb
+           and tuple(wc) == (0,) and tuple(xc) == (x.ndim - 1,)
+           and x.dtype == w.dtype == t.dtype)
+  if not plain:
+    return False
+  if _FOLD == "always":
+    return True
+  k, n = w.shape
+  r = t.shape[-1]
+  return jax.default_backend() == "gpu" and n >= 2 * k and (k + r) % 8 == 0
+
+
+def _dot_last_first(x, w, pet, prec):
+  return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=prec,
+                         preferred_element_type=pet)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _folded_matmul(x, t, w, b, pet, prec):
+  """`x·w + t·b` as one matmul of the concatenations (`x: (..., K)`, `t: (..., r)`)."""
+  return _dot_last_first(jnp.concatenate([x, t], axis=-1), jnp.concatenate([w, b], axis=0),
+                         pet, prec)
+
+
+@functools.partial(_folded_matmul.defjvp, symbolic_zeros=True)
+def _folded_matmul_jvp(pet, prec, primals, tangents):
+  # The tangent keeps the four products apart, so its transpose is the unfolded
+  # backward pass: dx = dy·wᵀ, dt = dy·bᵀ, db = tᵀ·dy, and dw = xᵀ·dy only when w
+  # itself is differentiated (a frozen w's tangent is a symbolic zero).
+  x, t, w, b = primals
+  dx, dt, dw, db = tangents
+  y = _folded_matmul(x, t, w, b, pet, prec)
+  zero = lambda d: isinstance(d, jax.custom_derivatives.SymbolicZero)
+  terms = [_dot_last_first(u, v, pet, prec)
+           for u, v in ((dx, w), (dt, b), (x, dw), (t, db)) if not (zero(u) or zero(v))]
+  dy = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+  return y, dy.astype(y.dtype)
 
 
 @_rule("convert_element_type")
