@@ -4,7 +4,7 @@ Usage (from the repository root):
 
   python benchmarks/gemma2_lora_gpu.py CONFIG [--layers unstacked] [--remat names] [--chunk 4096] [--steps 8]
       [--rounds 3] [--warmup 3] [--long-round 20] [--profile --profile-out prof.jsonl] [--out results.jsonl]
-      [--tag TAG] [--tiny]
+      [--loss-math exp|tanh] [--fold auto|never|always] [--tag TAG] [--tiny]
   python benchmarks/gemma2_lora_gpu.py peak      # the bf16 matmul rate, for MFU
 
 CONFIG is one of:
@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jlora  # noqa: E402
+from jlora._src import transform as jlora_transform  # noqa: E402  (--fold: A/B of an internal rule)
 import gemma2_model as G  # noqa: E402
 
 PEAK_FLOPS = float(os.environ.get("PEAK_TFLOPS", "779")) * 1e12
@@ -199,7 +200,9 @@ def run(args) -> dict:
     cfg = G.Gemma2Config(remat=args.remat, loss_chunk=args.chunk,
                          attention=args.attention or "cudnn")
     batch, seq = args.batch, args.seq
-  cfg = dataclasses.replace(cfg, layers=args.layers, scan_unroll=args.scan_unroll)
+  cfg = dataclasses.replace(cfg, layers=args.layers, scan_unroll=args.scan_unroll,
+                            loss_math=args.loss_math)
+  jlora_transform._FOLD = args.fold
   if args.logits_f32:
     cfg = dataclasses.replace(cfg, logits_dtype=jnp.float32)
   key = jax.random.key(0)
@@ -240,6 +243,7 @@ def run(args) -> dict:
       mode=spec["mode"], rank=spec["rank"], remat=cfg.remat, attention=cfg.attention,
       layers=cfg.layers, scan_unroll=cfg.scan_unroll,
       loss_chunk=cfg.loss_chunk, logits_dtype=jnp.dtype(cfg.logits_dtype).name,
+      loss_math=cfg.loss_math, fold=args.fold,
       batch=batch, seq=seq, trainable=int(ntrain), step_s=round(dt, 4),
       step_s_rounds=[round(r, 4) for r in rounds], tokens_s=round(tok_s),
       peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
@@ -294,6 +298,11 @@ def main(argv=None):
   p.add_argument("--scan-unroll", type=int, default=1, help="nn.scan's unroll (--layers scan)")
   p.add_argument("--hlo-out", default="", help="write the compiled step's HLO text here (.gz)")
   p.add_argument("--logits-f32", action="store_true", help="write the head matmul in float32")
+  p.add_argument("--loss-math", default="exp", choices=G.LOSS_MATH,
+                 help="the soft-capped loss terms through exp/rsqrt (default) or tanh/divisions")
+  p.add_argument("--fold", default="auto", choices=("auto", "never", "always"),
+                 help="jlora.lora's fold of x·W + t·B into one matmul [x, t]·[W; B]: by its "
+                      "rule (auto: GPU, N >= 2K), never, or wherever the layout allows")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=1024)
   p.add_argument("--warmup", type=int, default=3)

@@ -52,6 +52,7 @@ REMAT_POLICIES = ("none", "names", "wide", "names_xa", "wide_xa", "dots", "nothi
 WIDE_NAMES = ("attn_in", "q_rope", "k_rope", "ffw_in", "mlp_act")
 ATTENTIONS = ("cudnn", "xla", "softcap")
 LAYERS = ("scan", "loop", "unstacked")
+LOSS_MATH = ("exp", "tanh", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Gemma2Config:
     logits_dtype: the dtype the head matmul writes (`bfloat16` by default,
       as the baselines' `x @ E.T` in bf16 followed by a cast); the soft-cap,
       log-sum-exp and gradient are computed in float32 either way.
+    loss_math: `softcap_cross_entropy`'s `math` (`"exp"`, `"pallas"` or `"tanh"`).
   """
 
   vocab_size: int = 256_000
@@ -112,12 +114,15 @@ class Gemma2Config:
   logits_dtype: Any = jnp.bfloat16
   layers: str = "scan"
   scan_unroll: int = 1
+  loss_math: str = "exp"
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Gemma2Config: remat={self.remat!r} is not one of {REMAT_POLICIES}.")
     if self.attention not in ATTENTIONS:
       raise ValueError(f"Gemma2Config: attention={self.attention!r} is not one of {ATTENTIONS}.")
+    if self.loss_math not in LOSS_MATH:
+      raise ValueError(f"Gemma2Config: loss_math={self.loss_math!r} is not one of {LOSS_MATH}.")
     if self.layers not in LAYERS:
       raise ValueError(f"Gemma2Config: layers={self.layers!r} is not one of {LAYERS}.")
     if self.num_heads % self.num_kv_heads:
@@ -276,8 +281,56 @@ def remat_policy(name: str):
 # --------------------------------------------------------------------------- the loss
 
 
+def _softcap_terms_kernel(z_ref, u_ref, s_ref, *, cap):
+  z = z_ref[...].astype(jnp.float32)
+  r = 1.0 / (1.0 + jnp.exp(z * (2.0 / cap)))  # cap*tanh(z/cap) - cap = -2 cap r
+  e = jnp.exp(-2.0 * cap * r)
+  u_ref[...] = (e * (4.0 * r * (1.0 - r))).astype(u_ref.dtype)  # 1 - tanh^2 = 4 r (1 - r)
+  s_ref[...] = jnp.sum(e, axis=1, keepdims=True)
+
+
+def _pow2_divisor(n: int, most: int) -> int:
+  b = 1
+  while b * 2 <= most and n % (b * 2) == 0:
+    b *= 2
+  return b
+
+
+def softcap_terms(z, cap: float, dtype=jnp.bfloat16, block=(8, 1024)):
+  """`(u, Z)` of soft-capped logits `z` (tokens x vocabulary) in one pass over `z`.
+
+  With `e = exp(cap * tanh(z / cap) - cap)`: `u = e * (1 - tanh(z / cap)^2)` in
+  `dtype` and the row sums `Z = sum(e, -1)` in float32. A Pallas kernel (Triton on
+  GPUs; Pallas's interpreter on CPUs, for tests) reads each `block` of `z` once,
+  writes its `u` and a partial row sum; XLA adds the partial sums
+  (tokens x vocab/block[1]). Other backends raise: use `math="exp"` there.
+  """
+  from jax.experimental import pallas as pl
+  m, v = z.shape
+  bm, bv = _pow2_divisor(m, block[0]), _pow2_divisor(v, block[1])
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cpu"):
+    raise ValueError(f"softcap_terms: the Pallas kernel is written for GPUs (Triton), not "
+                     f"{backend!r}; use softcap_cross_entropy(..., math='exp') there.")
+  on_gpu = backend == "gpu"
+  params = {}
+  if on_gpu:
+    from jax.experimental.pallas import triton as plt
+    params = dict(compiler_params=plt.CompilerParams(num_warps=4, num_stages=2))
+  u, part = pl.pallas_call(
+      functools.partial(_softcap_terms_kernel, cap=float(cap)),
+      out_shape=(jax.ShapeDtypeStruct((m, v), dtype),
+                 jax.ShapeDtypeStruct((m, v // bv), jnp.float32)),
+      grid=(m // bm, v // bv),
+      in_specs=[pl.BlockSpec((bm, bv), lambda i, j: (i, j))],
+      out_specs=(pl.BlockSpec((bm, bv), lambda i, j: (i, j)),
+                 pl.BlockSpec((bm, 1), lambda i, j: (i, j))),
+      interpret=not on_gpu, name="softcap_terms", **params)(z)
+  return u, jnp.sum(part, axis=1)
+
+
 def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, want_dh,
-                 want_demb):
+                 want_demb, math="exp"):
   """Loss sum over token chunks and, optionally, the gradients of the mean loss.
 
   For each chunk of tokens, `z = h_c @ emb.T` is written once in `logits_dtype`.
@@ -303,7 +356,35 @@ def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, wa
     hc, lc, wc = xs
     z = jnp.einsum("cd,vd->cv", hc, emb, preferred_element_type=logits_dtype)
     z_tgt = jnp.take_along_axis(z, lc[:, None], axis=-1)[:, 0].astype(jnp.float32)
-    if cap is not None:
+    if cap is not None and math == "pallas":
+      u, big_z = softcap_terms(z, cap, dtype=h.dtype)  # one pass over z (a Pallas kernel)
+      lse = cap + jnp.log(big_z)
+      th_tgt = jnp.tanh(z_tgt / cap)
+      loss = jnp.sum((lse - cap * th_tgt) * wc)
+      if not want_grad:
+        return demb, (loss, None)
+      row = (wc * inv_n / big_z)[:, None]
+      lab = ((1.0 - th_tgt * th_tgt) * wc * inv_n)[:, None]
+    elif cap is not None and math == "exp":
+      # With r = 1 / (1 + exp(2z/cap)): cap*tanh(z/cap) - cap = -2 cap r and
+      # 1 - tanh^2 = 4 r (1 - r), so e = exp(-2 cap r) and u = e * 4 r (1 - r). 1/d is
+      # rsqrt(d)^2 (d >= 1): exponentials and reciprocal square roots only, the GPU's
+      # fast special functions; no tanh and no division. The sum and u are written
+      # with different (equal) expressions, so the compiler fuses each straight from z
+      # rather than storing a shared float32 intermediate of the whole chunk.
+      x2 = z.astype(jnp.float32) * (2.0 / cap)
+      r = jnp.square(lax.rsqrt(1.0 + jnp.exp(x2)))
+      big_z = jnp.sum(jnp.exp(-2.0 * cap * r), axis=-1)
+      lse = cap + jnp.log(big_z)
+      th_tgt = jnp.tanh(z_tgt / cap)
+      loss = jnp.sum((lse - cap * th_tgt) * wc)
+      if not want_grad:
+        return demb, (loss, None)
+      p = jnp.square(lax.rsqrt(1.0 + jnp.exp(-x2)))  # = 1 - r
+      u = (jnp.exp(2.0 * cap * (p - 1.0)) * (4.0 * p * (1.0 - p))).astype(h.dtype)
+      row = (wc * inv_n / big_z)[:, None]  # scales u's rows
+      lab = ((1.0 - th_tgt * th_tgt) * wc * inv_n)[:, None]  # the onehot term's rows
+    elif cap is not None:  # "tanh": the same quantities through tanh and divisions
       x = z.astype(jnp.float32) / cap
       big_z = jnp.sum(jnp.exp(cap * jnp.tanh(x) - cap), axis=-1)
       lse = cap + jnp.log(big_z)
@@ -311,15 +392,11 @@ def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, wa
       loss = jnp.sum((lse - cap * th_tgt) * wc)
       if not want_grad:
         return demb, (loss, None)
-      # u = e * (1 - tanh^2), written with q = exp(-2|x|): tanh = sign(x)(1 - q)/(1 + q),
-      # 1 - tanh^2 = 4q / (1 + q)^2. The sum above and u share only the cheap x, so
-      # the compiler can fuse each straight from z instead of storing a float32
-      # tanh of the whole chunk between two passes.
       q = jnp.exp(-2.0 * jnp.abs(x))
       th = jnp.sign(x) * (1.0 - q) / (1.0 + q)
       u = (jnp.exp(cap * th - cap) * (4.0 * q / jnp.square(1.0 + q))).astype(h.dtype)
-      row = (wc * inv_n / big_z)[:, None]  # scales u's rows
-      lab = ((1.0 - th_tgt * th_tgt) * wc * inv_n)[:, None]  # the onehot term's rows
+      row = (wc * inv_n / big_z)[:, None]
+      lab = ((1.0 - th_tgt * th_tgt) * wc * inv_n)[:, None]
     else:
       zf = z.astype(jnp.float32)
       mx = lax.stop_gradient(jnp.max(zf, axis=-1))
@@ -348,26 +425,27 @@ def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, wa
   return jnp.sum(losses), dh, demb
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused_xent(h, emb, labels, weights, cap, chunk, logits_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused_xent(h, emb, labels, weights, cap, chunk, logits_dtype, math):
   n = jnp.maximum(jnp.sum(weights), 1.0)
   loss, _, _ = _xent_chunks(h, emb, labels, weights, cap=cap, chunk=chunk,
                             logits_dtype=logits_dtype, inv_n=None, want_dh=False,
-                            want_demb=False)
+                            want_demb=False, math=math)
   return loss / n
 
 
-def _fused_xent_fwd(h, emb, labels, weights, cap, chunk, logits_dtype):
+def _fused_xent_fwd(h, emb, labels, weights, cap, chunk, logits_dtype, math):
   hv, ev, lv, wv = h.value, emb.value, labels.value, weights.value
   n = jnp.maximum(jnp.sum(wv), 1.0)
   loss, dh, demb = _xent_chunks(hv, ev, lv, wv, cap=cap, chunk=chunk, logits_dtype=logits_dtype,
-                                inv_n=1.0 / n, want_dh=h.perturbed, want_demb=emb.perturbed)
+                                inv_n=1.0 / n, want_dh=h.perturbed, want_demb=emb.perturbed,
+                                math=math)
   if demb is not None:
     demb = demb.astype(ev.dtype)
   return loss / n, (dh, demb, None)
 
 
-def _fused_xent_bwd(cap, chunk, logits_dtype, res, ct):
+def _fused_xent_bwd(cap, chunk, logits_dtype, math, res, ct):
   dh, demb, _ = res
   if isinstance(ct, jax.custom_derivatives.SymbolicZero):
     return None, None, None, None
@@ -379,7 +457,7 @@ _fused_xent.defvjp(_fused_xent_fwd, _fused_xent_bwd, symbolic_zeros=True)
 
 
 def softcap_cross_entropy(h, emb, labels, *, cap: float | None = 30.0, chunk: int = 2048,
-                          logits_dtype=jnp.bfloat16, weights=None):
+                          logits_dtype=jnp.bfloat16, weights=None, math: str = "exp"):
   """Mean cross-entropy of `cap * tanh(h @ emb.T / cap)` against `labels`, fused and chunked.
 
   Tokens are processed `chunk` at a time, and the forward pass computes the
@@ -400,6 +478,10 @@ def softcap_cross_entropy(h, emb, labels, *, cap: float | None = 30.0, chunk: in
     logits_dtype: the dtype of the logits matmul's output.
     weights: optional per-token loss weights (default ones); the loss is
       `sum(w * nll) / sum(w)`.
+    math: how the soft-capped terms are computed: `"exp"` (exponentials and
+      reciprocal square roots only, two XLA passes over each chunk of logits),
+      `"pallas"` (`softcap_terms`, one pass) or `"tanh"` (tanh and divisions;
+      slower on GPUs, kept for comparison). See `_xent_chunks`.
 
   Returns:
     The scalar float32 loss.
@@ -415,7 +497,9 @@ def softcap_cross_entropy(h, emb, labels, *, cap: float | None = 30.0, chunk: in
     h = jnp.pad(h, ((0, pad), (0, 0)))
     labels = jnp.pad(labels, (0, pad))
     w = jnp.pad(w, (0, pad))
-  loss = _fused_xent(h, emb, labels, w, cap, chunk, jnp.dtype(logits_dtype))
+  if math not in LOSS_MATH:
+    raise ValueError(f"softcap_cross_entropy: math={math!r} is not one of {LOSS_MATH}.")
+  loss = _fused_xent(h, emb, labels, w, cap, chunk, jnp.dtype(logits_dtype), math)
   return loss
 
 
@@ -479,7 +563,7 @@ class Gemma2(nn.Module):
       return logits
     if c.loss_chunk > 0:
       return softcap_cross_entropy(x, emb, labels, cap=c.final_logit_cap, chunk=c.loss_chunk,
-                                   logits_dtype=c.logits_dtype)
+                                   logits_dtype=c.logits_dtype, math=c.loss_math)
     return plain_cross_entropy(x, emb, labels, cap=c.final_logit_cap,
                                logits_dtype=c.logits_dtype)
 

@@ -10,8 +10,9 @@
 #                                        # loss variants, the scan layout
 #   bash benchmarks/run_gpu.sh explore   # layer layouts and XLA options, with kernel profiles and
 #                                        # the compiled HLO
-#   bash benchmarks/run_gpu.sh tune      # the two final configurations with profiles, and their
-#                                        # remat, loss-chunk and XLA variants
+#   bash benchmarks/run_gpu.sh tune      # the two final configurations with profiles, and A/B
+#                                        # rows: loss formulation, jlora's fold, remat policies
+#   bash benchmarks/run_gpu.sh loss      # the loss formulations side by side on q,v
 #   bash benchmarks/run_gpu.sh all       # final, then jlora
 #
 # Expects the three baseline scripts (PEFT, keras-hub, hand-written JAX) in .bench/ and, for keras-hub,
@@ -119,21 +120,32 @@ phase_explore() {
   job 30 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
 }
 
-# The two final configurations with kernel profiles, then their variants: remat policies that keep
-# more (or jlora's x·a), one loss chunk instead of two, and XLA's dot merger off (it concatenates
-# the q/k/v kernels on every step to run one GEMM).
+# The two final configurations with kernel profiles, then A/B rows: the loss's soft-cap terms
+# through tanh and divisions (the previous formulation), jlora.lora's fold of x·W + t·B into one
+# matmul off or everywhere the layout allows, and remat policies that keep more.
 phase_tune() {
-  local NOMERGE="env XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0"
   gpu_line
   job 15 60 jlora peak $J peak
   job 70 200 jlora qv4_names $J qv4 --remat names --tag names --profile --profile-out "$PROF"
-  job 80 200 jlora all16_wide $J all16 --remat wide --tag wide --profile --profile-out "$PROF"
-  job 60 200 jlora all16_wide_xa $J all16 --remat wide_xa --tag wide_xa
-  job 55 200 jlora qv4_nomerge $NOMERGE $J qv4 --remat names --tag nomerge
-  job 55 200 jlora qv4_wide $J qv4 --remat wide --tag wide
-  job 55 200 jlora qv4_chunk8192 $J qv4 --remat names --chunk 8192 --tag chunk8192
-  job 60 200 jlora all16_wide_xa_nomerge $NOMERGE $J all16 --remat wide_xa --tag wide_xa_nomerge
-  job 55 200 jlora qv4_names_xa $J qv4 --remat names_xa --tag names_xa
+  job 70 200 jlora all16_wide_xa $J all16 --remat wide_xa --tag wide_xa --profile --profile-out "$PROF"
+  job 35 200 jlora qv4_names_tanhloss $J qv4 --remat names --loss-math tanh --tag names_tanhloss
+  job 40 200 jlora all16_wide_xa_nofold $J all16 --remat wide_xa --fold never --tag wide_xa_nofold
+  job 40 200 jlora all16_wide_xa_foldall $J all16 --remat wide_xa --fold always --tag wide_xa_foldall
+  job 35 200 jlora qv4_wide $J qv4 --remat wide --tag wide
+  job 35 200 jlora qv4_names_xa $J qv4 --remat names_xa --tag names_xa
+  job 40 200 jlora all16_names_xa $J all16 --remat names_xa --tag names_xa
+  job 35 200 jlora qv4_wide_xa $J qv4 --remat wide_xa --tag wide_xa
+}
+
+# The loss formulations side by side on q,v (remat wide): the soft-cap terms in one Pallas pass
+# (profiled) or two XLA passes, each also with one 8192-token chunk and XLA's dot merger off.
+phase_loss() {
+  local NOMERGE="env XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0"
+  gpu_line
+  job 100 200 jlora qv4_pallas $J qv4 --remat wide --loss-math pallas --tag pallas --profile --profile-out "$PROF"
+  job 35 120 jlora qv4_exp $J qv4 --remat wide --loss-math exp --tag exp
+  job 35 120 jlora qv4_pallas_8192_nomerge $NOMERGE $J qv4 --remat wide --loss-math pallas --chunk 8192 --tag pallas_8192_nomerge
+  job 35 120 jlora qv4_exp_8192_nomerge $NOMERGE $J qv4 --remat wide --loss-math exp --chunk 8192 --tag exp_8192_nomerge
 }
 
 # Everything side by side in one call: the baselines first, then the hand-written anchors, then
@@ -147,22 +159,28 @@ phase_final() {
   local KE="env PYTHONPATH=/tmp/site KERAS_BACKEND=jax $PY .bench/keras_gemma2_bench.py"
   local PE="$PY .bench/peft_gemma2_bench.py"
   job 15 60 jlora peak $J peak
-  job 60 200 jlora qv4 $J qv4 --remat names --tag final --long-round 20
-  job 50 150 jlora all16 $J all16 --remat wide --tag final --long-round 20
+  # The configurations: q,v with remat `wide`, all-linear with `wide_xa` (jlora.lora folds the
+  # feed-forward up-projections' adapters by its GPU rule), the loss's soft-cap terms in one
+  # Pallas pass. The same with the two-pass XLA loss closes the call, as budget allows.
+  job 60 200 jlora qv4 $J qv4 --remat wide --loss-math pallas --tag final --long-round 20
+  job 60 200 jlora all16 $J all16 --remat wide_xa --loss-math pallas --tag final --long-round 20
   job 120 300 peft peft_qv4_compile $PE qv4_compile
   job 120 300 peft peft_all16_compile $PE all16_compile
   job 40 300 keras keras_qv4 $KE qv4
   job 45 300 keras keras_all16 $KE all16
   job 17 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
   job 12 120 handwritten hw_all16_fact env REMAT=dots $HW all16_fact
+  job 30 150 jlora qv4_xlaloss $J qv4 --remat wide --loss-math exp --tag final_xlaloss
+  job 35 150 jlora all16_xlaloss $J all16 --remat wide_xa --loss-math exp --tag final_xlaloss
 }
 
 case "$PHASE" in
   jlora) phase_jlora ;;
   explore) phase_explore ;;
   tune) phase_tune ;;
+  loss) phase_loss ;;
   final) phase_final ;;
   all) BUDGET=${BUDGET_ALL:-100000}; phase_final; phase_jlora ;;
-  *) echo "usage: $0 final|jlora|explore|tune|all" >&2; exit 2 ;;
+  *) echo "usage: $0 final|jlora|explore|tune|loss|all" >&2; exit 2 ;;
 esac
 echo "### done in $(( $(date +%s) - START ))s" | tee -a "$LOG"
