@@ -4,7 +4,7 @@ Usage (from the repository root):
 
   python benchmarks/gemma2_lora_gpu.py CONFIG [--layers unstacked] [--remat names] [--chunk 4096] [--steps 8]
       [--rounds 3] [--warmup 3] [--long-round 20] [--profile --profile-out prof.jsonl] [--out results.jsonl]
-      [--loss-math exp|tanh] [--fold auto|never|always] [--tag TAG] [--tiny]
+      [--loss-math exp|pallas|tanh] [--fold auto|never|always] [--tag TAG] [--tiny]
   python benchmarks/gemma2_lora_gpu.py peak      # the bf16 matmul rate, for MFU
 
 CONFIG is one of:
@@ -299,7 +299,8 @@ def main(argv=None):
   p.add_argument("--hlo-out", default="", help="write the compiled step's HLO text here (.gz)")
   p.add_argument("--logits-f32", action="store_true", help="write the head matmul in float32")
   p.add_argument("--loss-math", default="exp", choices=G.LOSS_MATH,
-                 help="the soft-capped loss terms through exp/rsqrt (default) or tanh/divisions")
+                 help="the soft-capped loss terms through exp/rsqrt in two XLA passes (default), "
+                      "in one Pallas pass, or through tanh/divisions")
   p.add_argument("--fold", default="auto", choices=("auto", "never", "always"),
                  help="jlora.lora's fold of x·W + t·B into one matmul [x, t]·[W; B]: by its "
                       "rule (auto: GPU, N >= 2K), never, or wherever the layout allows")

@@ -329,6 +329,37 @@ def softcap_terms(z, cap: float, dtype=jnp.bfloat16, block=(8, 1024)):
   return u, jnp.sum(part, axis=1)
 
 
+def _softcap_sum_and_u(z, cap, math, dtype, want_u):
+  """`(Z, u)` of a chunk of logits (see `_xent_chunks`; `u` is None unless `want_u`).
+
+  `"exp"`: with `r = 1 / (1 + exp(2z/cap))`, `cap*tanh(z/cap) - cap = -2 cap r` and
+  `1 - tanh^2 = 4 r (1 - r)`, so `e = exp(-2 cap r)` and `u = e * 4 r (1 - r)`; `1/d` is
+  `rsqrt(d)^2` (d >= 1): exponentials and reciprocal square roots only, the GPU's fast
+  special functions. The sum and `u` are written with different (equal) expressions, so
+  the compiler fuses each straight from `z` rather than storing a shared float32
+  intermediate of the whole chunk. `"pallas"`: the same math in one pass
+  (`softcap_terms`). `"tanh"`: the same quantities through tanh and divisions.
+  """
+  if math == "pallas" and want_u:
+    u, big_z = softcap_terms(z, cap, dtype=dtype)
+    return big_z, u
+  if math == "tanh":
+    x = z.astype(jnp.float32) / cap
+    big_z = jnp.sum(jnp.exp(cap * jnp.tanh(x) - cap), axis=-1)
+    if not want_u:
+      return big_z, None
+    q = jnp.exp(-2.0 * jnp.abs(x))
+    th = jnp.sign(x) * (1.0 - q) / (1.0 + q)
+    return big_z, (jnp.exp(cap * th - cap) * (4.0 * q / jnp.square(1.0 + q))).astype(dtype)
+  x2 = z.astype(jnp.float32) * (2.0 / cap)
+  r = jnp.square(lax.rsqrt(1.0 + jnp.exp(x2)))
+  big_z = jnp.sum(jnp.exp(-2.0 * cap * r), axis=-1)
+  if not want_u:
+    return big_z, None
+  p = jnp.square(lax.rsqrt(1.0 + jnp.exp(-x2)))  # = 1 - r
+  return big_z, (jnp.exp(2.0 * cap * (p - 1.0)) * (4.0 * p * (1.0 - p))).astype(dtype)
+
+
 def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, want_dh,
                  want_demb, math="exp"):
   """Loss sum over token chunks and, optionally, the gradients of the mean loss.
@@ -345,7 +376,6 @@ def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, wa
   `dz = (softmax(z) - onehot) * w / n` formed in `h`'s dtype.
   """
   n_tok, d = h.shape
-  v = emb.shape[0]
   nc = n_tok // chunk
   hs = h.reshape(nc, chunk, d)
   ls = labels.reshape(nc, chunk)
@@ -356,47 +386,15 @@ def _xent_chunks(h, emb, labels, weights, *, cap, chunk, logits_dtype, inv_n, wa
     hc, lc, wc = xs
     z = jnp.einsum("cd,vd->cv", hc, emb, preferred_element_type=logits_dtype)
     z_tgt = jnp.take_along_axis(z, lc[:, None], axis=-1)[:, 0].astype(jnp.float32)
-    if cap is not None and math == "pallas":
-      u, big_z = softcap_terms(z, cap, dtype=h.dtype)  # one pass over z (a Pallas kernel)
+    if cap is not None:
+      big_z, u = _softcap_sum_and_u(z, cap, math, h.dtype, want_u=want_grad)
       lse = cap + jnp.log(big_z)
       th_tgt = jnp.tanh(z_tgt / cap)
       loss = jnp.sum((lse - cap * th_tgt) * wc)
       if not want_grad:
         return demb, (loss, None)
-      row = (wc * inv_n / big_z)[:, None]
-      lab = ((1.0 - th_tgt * th_tgt) * wc * inv_n)[:, None]
-    elif cap is not None and math == "exp":
-      # With r = 1 / (1 + exp(2z/cap)): cap*tanh(z/cap) - cap = -2 cap r and
-      # 1 - tanh^2 = 4 r (1 - r), so e = exp(-2 cap r) and u = e * 4 r (1 - r). 1/d is
-      # rsqrt(d)^2 (d >= 1): exponentials and reciprocal square roots only, the GPU's
-      # fast special functions; no tanh and no division. The sum and u are written
-      # with different (equal) expressions, so the compiler fuses each straight from z
-      # rather than storing a shared float32 intermediate of the whole chunk.
-      x2 = z.astype(jnp.float32) * (2.0 / cap)
-      r = jnp.square(lax.rsqrt(1.0 + jnp.exp(x2)))
-      big_z = jnp.sum(jnp.exp(-2.0 * cap * r), axis=-1)
-      lse = cap + jnp.log(big_z)
-      th_tgt = jnp.tanh(z_tgt / cap)
-      loss = jnp.sum((lse - cap * th_tgt) * wc)
-      if not want_grad:
-        return demb, (loss, None)
-      p = jnp.square(lax.rsqrt(1.0 + jnp.exp(-x2)))  # = 1 - r
-      u = (jnp.exp(2.0 * cap * (p - 1.0)) * (4.0 * p * (1.0 - p))).astype(h.dtype)
       row = (wc * inv_n / big_z)[:, None]  # scales u's rows
       lab = ((1.0 - th_tgt * th_tgt) * wc * inv_n)[:, None]  # the onehot term's rows
-    elif cap is not None:  # "tanh": the same quantities through tanh and divisions
-      x = z.astype(jnp.float32) / cap
-      big_z = jnp.sum(jnp.exp(cap * jnp.tanh(x) - cap), axis=-1)
-      lse = cap + jnp.log(big_z)
-      th_tgt = jnp.tanh(z_tgt / cap)
-      loss = jnp.sum((lse - cap * th_tgt) * wc)
-      if not want_grad:
-        return demb, (loss, None)
-      q = jnp.exp(-2.0 * jnp.abs(x))
-      th = jnp.sign(x) * (1.0 - q) / (1.0 + q)
-      u = (jnp.exp(cap * th - cap) * (4.0 * q / jnp.square(1.0 + q))).astype(h.dtype)
-      row = (wc * inv_n / big_z)[:, None]
-      lab = ((1.0 - th_tgt * th_tgt) * wc * inv_n)[:, None]
     else:
       zf = z.astype(jnp.float32)
       mx = lax.stop_gradient(jnp.max(zf, axis=-1))

@@ -85,8 +85,8 @@ gpu_line() {
   echo "### $(date -u) $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null)" | tee -a "$LOG"
 }
 
-# More jlora rows (unstacked blocks unless named): the merge path, the full fine-tune, the `dots`
-# and `none` remat policies, the loss variants, and the scan layout.
+# More jlora rows (unstacked blocks unless named): the merge path, the full fine-tune, the `dots`,
+# `wide` and `_xa` remat policies, the loss-chunk variants, and the scan layout.
 phase_jlora() {
   gpu_line
   job 20 60 jlora peak $J peak

@@ -119,14 +119,11 @@ def _worker_env(env):
 
 # The worker runs beside the tests before these (tests/conftest.py starts it after collection).
 WORKER = Background([sys.executable, os.path.abspath(__file__)], env=_worker_env, timeout=600)
-_REPORT = None
 
 
 def _report() -> dict:
-  global _REPORT
-  if _REPORT is None:
-    _REPORT = json.loads(WORKER.output().strip().splitlines()[-1])
-  return _REPORT
+  """The worker's JSON report (the worker runs once; `Background` keeps its output)."""
+  return json.loads(WORKER.output().strip().splitlines()[-1])
 
 
 @pytest.mark.background(WORKER)

@@ -395,10 +395,9 @@ def test_vmap_over_stacked_weights_as_batch_dims():
   assert_equivalent(f, t, x)
 
 
-def _dot_output_sizes(jaxpr, out):
-  out += [tuple(e.outvars[0].aval.shape) for e in iter_eqns(jaxpr)
+def _dot_output_sizes(jaxpr):
+  return [tuple(e.outvars[0].aval.shape) for e in iter_eqns(jaxpr)
           if e.primitive.name == "dot_general"]
-  return out
 
 
 def _max_intermediate(jaxpr):
@@ -430,8 +429,8 @@ def test_backward_never_forms_a_full_weight_gradient():
     loss = lambda tr: jnp.mean(apply_fn(jlora.combine(tr, frozen), x) ** 2)
     return jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr
 
-  fact = _dot_output_sizes(grad_jaxpr(jlora.lora(params_apply(m), strict=True)), [])
-  merged = _dot_output_sizes(grad_jaxpr(lambda p, x: m.apply({"params": jlora.merge(p)}, x)), [])
+  fact = _dot_output_sizes(grad_jaxpr(jlora.lora(params_apply(m), strict=True)))
+  merged = _dot_output_sizes(grad_jaxpr(lambda p, x: m.apply({"params": jlora.merge(p)}, x)))
   assert fact and not (set(fact) & w_shapes), fact
   assert set(merged) & w_shapes, merged  # the merge path does form x^T·dy of W's size
 
@@ -526,7 +525,7 @@ def test_folded_adapter_matmul_equals_the_unfolded_one(monkeypatch):
     jaxpr = jax.make_jaxpr(jax.grad(full))(train, x).jaxpr
     concats = [e for e in iter_eqns(jaxpr) if e.primitive.name == "concatenate"]
     assert len(concats) == (2 if mode == "always" else 0)
-    dots = _dot_output_sizes(jaxpr, [])
+    dots = _dot_output_sizes(jaxpr)
     assert (24, 64) not in dots and (32, 64) not in dots, dots  # no (K or K+r) x N gradient
   for a, b in zip(jax.tree.leaves(res["always"]), jax.tree.leaves(res["never"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # float32, other summation orders

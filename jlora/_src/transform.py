@@ -311,7 +311,7 @@ def _dot_general(ctx, eqn, invals):
   if lv.scale != 1.0:
     t = t * jnp.asarray(lv.scale, t.dtype)
   t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
-  if not lv_is_lhs and params.get("out_sharding") is None and _fold_pays(x, lv, t, wc, xc, wb):
+  if not lv_is_lhs and _fold_pays(x, lv, t, wc, xc, wb, params):
     return _folded_matmul(x, t, lv.w, b, pet, prec)
   base = eqn.primitive.bind(*((lv.w, x) if lv_is_lhs else (x, lv.w)), **params)
   y = jnp.einsum(f"{''.join(t_lab)},{''.join(b_lab)}->{''.join(out)}", t, b,
@@ -324,7 +324,7 @@ def _dot_general(ctx, eqn, invals):
 _FOLD = "auto"
 
 
-def _fold_pays(x, lv: _LV, t, wc, xc, wb) -> bool:
+def _fold_pays(x, lv: _LV, t, wc, xc, wb, params) -> bool:
   """Whether to fold the adapter's second matmul into the frozen one.
 
   `x·W + t·B` is `[x, t]·[W; B]` (t = s·x·A): one GEMM over `K + r` instead of
@@ -334,14 +334,14 @@ def _fold_pays(x, lv: _LV, t, wc, xc, wb) -> bool:
   and `W` into the concatenations: `4·M·N` against `2·M·K + 2·K·N` elements
   moved; the rule folds when `N >= 2·K` (a feed-forward up-projection). Only for
   a plain 2-D kernel contracted on its first axis against `x`'s last, with one
-  dtype, and `K + r` a multiple of 8 (aligned GEMM rows).
+  dtype, no explicit `out_sharding`, and `K + r` a multiple of 8 (aligned GEMM rows).
   """
   if _FOLD == "never":
     return False
   w = lv.w
   plain = (w.ndim == 2 and lv.stack == 0 and tuple(lv.a_axes) == (0,) and not wb
-           and tuple(wc) == (0,) and tuple(xc) == (x.ndim - 1,)
-           and x.dtype == w.dtype == t.dtype)
+           and tuple(wc) == (0,) and tuple(xc) == (x.ndim - 1,) and x.dtype == w.dtype
+           and params.get("out_sharding") is None)
   if not plain:
     return False
   if _FOLD == "always":
