@@ -4,7 +4,7 @@ Usage (from the repository root):
 
   python benchmarks/gemma2_lora_gpu.py CONFIG [--layers unstacked] [--remat names] [--chunk 4096] [--steps 8]
       [--rounds 3] [--warmup 3] [--long-round 20] [--profile --profile-out prof.jsonl] [--out results.jsonl]
-      [--loss-math exp|pallas|tanh] [--fold auto|never|always] [--tag TAG] [--tiny]
+      [--loss-math exp|pallas|tanh] [--fold auto|bytes|never|always] [--tag TAG] [--tiny]
   python benchmarks/gemma2_lora_gpu.py peak      # the bf16 matmul rate, for MFU
 
 CONFIG is one of:
@@ -201,7 +201,7 @@ def run(args) -> dict:
                          attention=args.attention or "cudnn")
     batch, seq = args.batch, args.seq
   cfg = dataclasses.replace(cfg, layers=args.layers, scan_unroll=args.scan_unroll,
-                            loss_math=args.loss_math)
+                            loss_math=args.loss_math, rope_vjp=not args.rope_autodiff)
   jlora_transform._FOLD = args.fold
   if args.logits_f32:
     cfg = dataclasses.replace(cfg, logits_dtype=jnp.float32)
@@ -243,7 +243,7 @@ def run(args) -> dict:
       mode=spec["mode"], rank=spec["rank"], remat=cfg.remat, attention=cfg.attention,
       layers=cfg.layers, scan_unroll=cfg.scan_unroll,
       loss_chunk=cfg.loss_chunk, logits_dtype=jnp.dtype(cfg.logits_dtype).name,
-      loss_math=cfg.loss_math, fold=args.fold,
+      loss_math=cfg.loss_math, fold=args.fold, rope_vjp=cfg.rope_vjp,
       batch=batch, seq=seq, trainable=int(ntrain), step_s=round(dt, 4),
       step_s_rounds=[round(r, 4) for r in rounds], tokens_s=round(tok_s),
       peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
@@ -301,9 +301,12 @@ def main(argv=None):
   p.add_argument("--loss-math", default="exp", choices=G.LOSS_MATH,
                  help="the soft-capped loss terms through exp/rsqrt in two XLA passes (default), "
                       "in one Pallas pass, or through tanh/divisions")
-  p.add_argument("--fold", default="auto", choices=("auto", "never", "always"),
+  p.add_argument("--fold", default="auto", choices=("auto", "bytes", "never", "always"),
                  help="jlora.lora's fold of x·W + t·B into one matmul [x, t]·[W; B]: by its "
-                      "rule (auto: GPU, N >= 2K), never, or wherever the layout allows")
+                      "rule (auto: GPU, N >= 2K), by the byte count alone (4MN > 2MK + 2KN), "
+                      "never, or wherever the layout allows")
+  p.add_argument("--rope-autodiff", action="store_true",
+                 help="RoPE's gradient by autodiff instead of one inverse rotation (A/B)")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=1024)
   p.add_argument("--warmup", type=int, default=3)

@@ -47,9 +47,13 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REMAT_POLICIES = ("none", "names", "wide", "names_xa", "wide_xa", "dots", "nothing")
+REMAT_POLICIES = ("none", "names", "wide", "wide_mid", "names_xa", "wide_xa", "wide_mid_xa", "dots",
+                  "nothing")
 # What "wide" keeps beyond "names": the normed block inputs, q and k after RoPE, the GeGLU product.
 WIDE_NAMES = ("attn_in", "q_rope", "k_rope", "ffw_in", "mlp_act")
+# What "wide_mid" keeps beyond "wide": the residual stream between attention and feed-forward,
+# and each RMSNorm's per-token mean square (one float32 per token).
+MID_NAMES = ("res_mid", "norm_ms")
 ATTENTIONS = ("cudnn", "xla", "softcap")
 LAYERS = ("scan", "loop", "unstacked")
 LOSS_MATH = ("exp", "tanh", "pallas")
@@ -79,8 +83,11 @@ class Gemma2Config:
       `dots_with_no_batch_dims_saveable`, so base and LoRA-branch outputs are
       kept apart) plus the attention kernel's outputs; `"nothing"`: only the
       block inputs; `"none"`: no rematerialization. `"wide"` also keeps the
-      normed block inputs, RoPE'd q and k and the GeGLU product; a `"_xa"`
-      suffix (`"names_xa"`, `"wide_xa"`) also keeps the adapters' `x·a`.
+      normed block inputs, RoPE'd q and k and the GeGLU product; `"wide_mid"`
+      also the residual stream between attention and feed-forward and the
+      RMSNorms' per-token mean squares, so the backward pass recomputes no norm
+      statistic. A `"_xa"` suffix (`"names_xa"`, `"wide_xa"`, `"wide_mid_xa"`)
+      also keeps the adapters' `x·a`.
     loss_chunk: tokens per chunk of the fused cross-entropy; 0 computes the
       full logits (the plain reference path).
     layers: how the blocks run. `"scan"`: `nn.scan` over one `Block`, weights
@@ -95,6 +102,8 @@ class Gemma2Config:
       as the baselines' `x @ E.T` in bf16 followed by a cast); the soft-cap,
       log-sum-exp and gradient are computed in float32 either way.
     loss_math: `softcap_cross_entropy`'s `math` (`"exp"`, `"pallas"` or `"tanh"`).
+    rope_vjp: RoPE's gradient as one inverse rotation (`apply_rope`); False
+      leaves it to autodiff (for A/B rows).
   """
 
   vocab_size: int = 256_000
@@ -115,6 +124,7 @@ class Gemma2Config:
   layers: str = "scan"
   scan_unroll: int = 1
   loss_math: str = "exp"
+  rope_vjp: bool = True
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -162,8 +172,10 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), self.dtype)
     x32 = x.astype(jnp.float32)
-    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
-    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    # The mean square is named (not 1/rms): rsqrt's derivative needs its input, so a
+    # policy keeping this small per-token value spares the backward pass the reduction.
+    ms = checkpoint_name(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6, "norm_ms")
+    return (x32 * lax.rsqrt(ms) * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float):
@@ -174,12 +186,36 @@ def rope_tables(seq_len: int, head_dim: int, base: float):
   return jnp.sin(ang), jnp.cos(ang)
 
 
-def apply_rope(x, sin, cos):
-  """Rotates the two halves of the last axis of `x` (batch, seq, heads, head_dim)."""
+def _rotate(x, sin, cos):
+  """`[x1·c − x2·s, x2·c + x1·s]` over the halves of `x`'s last axis (float32 math)."""
   half = x.shape[-1] // 2
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   s, c = sin[None, :, None, :], cos[None, :, None, :]
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def apply_rope(x, sin, cos):
+  """Rotates the two halves of the last axis of `x` (batch, seq, heads, head_dim).
+
+  The gradient is the inverse rotation (`sin -> -sin`), written as one more
+  rotation: autodiff's transpose of the halves' slices and concatenation is two
+  padded halves added, a slower pass on GPUs. `sin` and `cos` (tables, see
+  `rope_tables`) get no gradient.
+  """
+  return _rotate(x, sin, cos)
+
+
+def _apply_rope_fwd(x, sin, cos):
+  return _rotate(x, sin, cos), (sin, cos)
+
+
+def _apply_rope_bwd(res, g):
+  sin, cos = res
+  return _rotate(g, -sin, cos), jnp.zeros_like(sin), jnp.zeros_like(cos)
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
 
 
 def _kernel_init(stddev_of_fan_in: Callable[[int], float] = lambda n: n ** -0.5):
@@ -222,9 +258,9 @@ class Block(nn.Module):
     q = checkpoint_name(self._dense(c.num_heads * c.head_dim, "q_proj")(h), "q_proj")
     k = checkpoint_name(self._dense(c.num_kv_heads * c.head_dim, "k_proj")(h), "k_proj")
     v = checkpoint_name(self._dense(c.num_kv_heads * c.head_dim, "v_proj")(h), "v_proj")
-    q = checkpoint_name(apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), sin, cos), "q_rope")
-    k = checkpoint_name(apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), sin, cos),
-                        "k_rope")
+    rope = apply_rope if c.rope_vjp else _rotate
+    q = checkpoint_name(rope(q.reshape(b, t, c.num_heads, c.head_dim), sin, cos), "q_rope")
+    k = checkpoint_name(rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), sin, cos), "k_rope")
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     scale = c.head_dim ** -0.5  # Gemma 2 2B: query_pre_attn_scalar = head_dim
     if c.attention == "softcap":
@@ -234,7 +270,7 @@ class Block(nn.Module):
                                        implementation="cudnn" if c.attention == "cudnn" else None)
     a = checkpoint_name(a.reshape(b, t, c.num_heads * c.head_dim), "attention")
     o = checkpoint_name(self._dense(c.width, "o_proj")(a), "o_proj")
-    x = x + norm("post_attn_norm")(o)
+    x = checkpoint_name(x + norm("post_attn_norm")(o), "res_mid")
 
     h = checkpoint_name(norm("pre_ffw_norm")(x), "ffw_in")
     gate = checkpoint_name(self._dense(c.ffw_width, "gate_proj")(h), "gate_proj")
@@ -264,9 +300,10 @@ def remat_policy(name: str):
   name = name.removesuffix("_xa")
   if name == "dots":
     keep = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  elif name == "wide":
+  elif name in ("wide", "wide_mid"):
+    mid = MID_NAMES if name == "wide_mid" else ()
     keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention", *WIDE_NAMES,
-                                                         *xa)
+                                                         *mid, *xa)
   else:
     keep = jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "attention", *xa)
 
@@ -296,14 +333,16 @@ def _pow2_divisor(n: int, most: int) -> int:
   return b
 
 
-def softcap_terms(z, cap: float, dtype=jnp.bfloat16, block=(8, 1024)):
+def softcap_terms(z, cap: float, dtype=jnp.bfloat16, block=(2, 2048), num_warps=4):
   """`(u, Z)` of soft-capped logits `z` (tokens x vocabulary) in one pass over `z`.
 
   With `e = exp(cap * tanh(z / cap) - cap)`: `u = e * (1 - tanh(z / cap)^2)` in
   `dtype` and the row sums `Z = sum(e, -1)` in float32. A Pallas kernel (Triton on
   GPUs; Pallas's interpreter on CPUs, for tests) reads each `block` of `z` once,
   writes its `u` and a partial row sum; XLA adds the partial sums
-  (tokens x vocab/block[1]). Other backends raise: use `math="exp"` there.
+  (tokens x vocab/block[1]). `block` is capped at the largest powers of two that
+  divide `z`'s dimensions; `num_warps` is Triton's, per block (tuned with
+  `benchmarks/softcap_kernel_bench.py`). Other backends raise: use `math="exp"` there.
   """
   from jax.experimental import pallas as pl
   m, v = z.shape
@@ -316,7 +355,7 @@ def softcap_terms(z, cap: float, dtype=jnp.bfloat16, block=(8, 1024)):
   params = {}
   if on_gpu:
     from jax.experimental.pallas import triton as plt
-    params = dict(compiler_params=plt.CompilerParams(num_warps=4, num_stages=2))
+    params = dict(compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1))
   u, part = pl.pallas_call(
       functools.partial(_softcap_terms_kernel, cap=float(cap)),
       out_shape=(jax.ShapeDtypeStruct((m, v), dtype),

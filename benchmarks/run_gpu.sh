@@ -13,12 +13,16 @@
 #   bash benchmarks/run_gpu.sh tune      # the two final configurations with profiles, and A/B
 #                                        # rows: loss formulation, jlora's fold, remat policies
 #   bash benchmarks/run_gpu.sh loss      # the loss formulations side by side on q,v
+#   bash benchmarks/run_gpu.sh probe     # the loss kernel's tiles (softcap_kernel_bench.py), q,v
+#                                        # profiled with its HLO, fold and GEMM-emitter A/B rows
+#   bash benchmarks/run_gpu.sh ab        # A/B rows: RoPE's gradient, remat policies, fold rule
 #   bash benchmarks/run_gpu.sh all       # final, then jlora
 #
 # Expects the three baseline scripts (PEFT, keras-hub, hand-written JAX) in .bench/ and, for keras-hub,
 # the keras / keras-hub / namex / optree wheels in .whl/ (installed into /tmp/site).
 # Writes under $OUT (default runs/gpu): results.jsonl (one JSON row per configuration, tagged
-# with its suite), profiles.jsonl (kernel-time summaries), log_<phase>.txt (everything printed).
+# with its suite), profiles.jsonl (kernel-time summaries), log_<phase>.txt (everything printed),
+# clocks_<phase>.csv (SM clock, power, temperature and throttle reasons every 250 ms).
 # A job that would not finish inside BUDGET seconds (default 570) is skipped and recorded as such.
 # benchmarks/README.md turns results.jsonl into the table (python benchmarks/gemma2_lora_gpu.py
 # is the jlora driver; see its docstring for the configurations and the FLOP model).
@@ -36,6 +40,13 @@ LOG=$OUT/log_$PHASE.txt
 export PYTHONUNBUFFERED=1 PEAK_TFLOPS=${PEAK_TFLOPS:-779}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export JAX_COMPILATION_CACHE_DIR=$STATE/jaxcache
+
+# The card's clocks, power and throttle reasons through the whole call (read-only queries).
+CLOCK_Q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active
+nvidia-smi --query-gpu=$CLOCK_Q --format=csv >/dev/null 2>&1 || CLOCK_Q=${CLOCK_Q%,*}
+nvidia-smi --query-gpu=$CLOCK_Q --format=csv -lms 250 > "$OUT/clocks_$PHASE.csv" 2>/dev/null &
+CLOCKS_PID=$!
+trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
 
 # Reads a process's output on stdin; every line that is a JSON object goes to $RES tagged
 # with the suite and the process label.
@@ -148,6 +159,37 @@ phase_loss() {
   job 35 120 jlora qv4_exp_8192_nomerge $NOMERGE $J qv4 --remat wide --loss-math exp --chunk 8192 --tag exp_8192_nomerge
 }
 
+# The loss kernel's tiles and warps against XLA and the copy ceiling; q,v (the final
+# configuration) profiled with its compiled HLO; A/B rows: jlora's fold by the byte count alone
+# (it then also folds q_proj, and o_proj for all-linear) and XLA's Triton GEMM emitter off (the
+# skinny adapter matmuls through cuBLAS).
+phase_probe() {
+  gpu_line
+  job 60 150 kernel softcap_kernel "$PY" benchmarks/softcap_kernel_bench.py ${KERNEL_ARGS:-}
+  job 100 200 jlora qv4 $J qv4 --remat wide --loss-math pallas --tag probe --profile --profile-out "$PROF" --hlo-out "$OUT/hlo_qv4.txt.gz"
+  job 40 150 jlora qv4_foldbytes $J qv4 --remat wide --loss-math pallas --fold bytes --tag foldbytes
+  job 40 150 jlora qv4_notritongemm env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $J qv4 --remat wide --loss-math pallas --tag notritongemm
+  job 45 150 jlora all16_foldbytes $J all16 --remat wide_xa --loss-math pallas --fold bytes --tag foldbytes
+  job 40 150 jlora qv4_again $J qv4 --remat wide --loss-math pallas --tag probe_again
+}
+
+# A/B rows on one machine: RoPE's gradient (autodiff or one inverse rotation), the remat
+# policies that also keep jlora's x·a (_xa) and the residual stream and norm statistics (wide_mid),
+# jlora's fold by the byte count; the first configuration again at the end, for the spread.
+phase_ab() {
+  local Q="$J qv4 --loss-math pallas --long-round 20" A="$J all16 --loss-math pallas --long-round 20"
+  gpu_line
+  job 100 200 jlora qv4_wide_ropead $Q --remat wide --rope-autodiff --tag wide_ropead
+  job 40 150 jlora qv4_wide $Q --remat wide --tag wide
+  job 40 150 jlora qv4_wide_xa $Q --remat wide_xa --tag wide_xa
+  job 40 150 jlora qv4_wide_mid $Q --remat wide_mid --tag wide_mid
+  job 60 150 jlora qv4_wide_mid_xa $Q --remat wide_mid_xa --tag wide_mid_xa --profile --profile-out "$PROF"
+  job 40 150 jlora qv4_wide_mid_xa_foldbytes $Q --remat wide_mid_xa --fold bytes --tag wide_mid_xa_foldbytes
+  job 45 150 jlora all16_wide_xa $A --remat wide_xa --tag wide_xa
+  job 45 150 jlora all16_wide_mid_xa $A --remat wide_mid_xa --tag wide_mid_xa
+  job 40 150 jlora qv4_wide_ropead_again $Q --remat wide --rope-autodiff --tag wide_ropead_again
+}
+
 # Everything side by side in one call: the baselines first, then the hand-written anchors, then
 # jlora (unstacked blocks) with the remat and XLA variants, most important first.
 phase_final() {
@@ -159,19 +201,18 @@ phase_final() {
   local KE="env PYTHONPATH=/tmp/site KERAS_BACKEND=jax $PY .bench/keras_gemma2_bench.py"
   local PE="$PY .bench/peft_gemma2_bench.py"
   job 15 60 jlora peak $J peak
-  # The configurations: q,v with remat `wide`, all-linear with `wide_xa` (jlora.lora folds the
-  # feed-forward up-projections' adapters by its GPU rule), the loss's soft-cap terms in one
-  # Pallas pass. The same with the two-pass XLA loss closes the call, as budget allows.
-  job 60 200 jlora qv4 $J qv4 --remat wide --loss-math pallas --tag final --long-round 20
-  job 60 200 jlora all16 $J all16 --remat wide_xa --loss-math pallas --tag final --long-round 20
+  # The configurations: remat `wide_mid_xa` (jlora.lora folds the feed-forward up-projections'
+  # adapters by its GPU rule in all-linear), RoPE's gradient as one rotation, the loss's soft-cap
+  # terms in one Pallas pass. Run 11's q,v configuration closes the call, as budget allows.
+  job 60 200 jlora qv4 $J qv4 --remat wide_mid_xa --loss-math pallas --tag final --long-round 20
+  job 60 200 jlora all16 $J all16 --remat wide_mid_xa --loss-math pallas --tag final --long-round 20
   job 120 300 peft peft_qv4_compile $PE qv4_compile
   job 120 300 peft peft_all16_compile $PE all16_compile
   job 40 300 keras keras_qv4 $KE qv4
   job 45 300 keras keras_all16 $KE all16
   job 17 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
   job 12 120 handwritten hw_all16_fact env REMAT=dots $HW all16_fact
-  job 30 150 jlora qv4_xlaloss $J qv4 --remat wide --loss-math exp --tag final_xlaloss
-  job 35 150 jlora all16_xlaloss $J all16 --remat wide_xa --loss-math exp --tag final_xlaloss
+  job 25 150 jlora qv4_run11 $J qv4 --remat wide --rope-autodiff --loss-math pallas --tag run11_config
 }
 
 case "$PHASE" in
@@ -180,7 +221,9 @@ case "$PHASE" in
   tune) phase_tune ;;
   loss) phase_loss ;;
   final) phase_final ;;
+  probe) phase_probe ;;
+  ab) phase_ab ;;
   all) BUDGET=${BUDGET_ALL:-100000}; phase_final; phase_jlora ;;
-  *) echo "usage: $0 final|jlora|explore|tune|loss|all" >&2; exit 2 ;;
+  *) echo "usage: $0 final|jlora|explore|tune|loss|probe|ab|all" >&2; exit 2 ;;
 esac
 echo "### done in $(( $(date +%s) - START ))s" | tee -a "$LOG"

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, Callable
 
@@ -348,7 +349,12 @@ def _fold_pays(x, lv: _LV, t, wc, xc, wb, params) -> bool:
     return True
   k, n = w.shape
   r = t.shape[-1]
-  return jax.default_backend() == "gpu" and n >= 2 * k and (k + r) % 8 == 0
+  if jax.default_backend() != "gpu" or (k + r) % 8:
+    return False
+  if _FOLD == "bytes":  # the byte count alone (A/B of the N >= 2K rule)
+    m = math.prod(x.shape[:-1])
+    return 4 * m * n > 2 * m * k + 2 * k * n
+  return n >= 2 * k
 
 
 def _dot_last_first(x, w, pet, prec):
