@@ -4,7 +4,7 @@ Usage (from the repository root):
 
   python benchmarks/gemma2_lora_gpu.py CONFIG [--layers unstacked] [--remat names] [--chunk 4096] [--steps 8]
       [--rounds 3] [--warmup 3] [--long-round 20] [--profile --profile-out prof.jsonl] [--out results.jsonl]
-      [--loss-math exp|pallas|tanh] [--fold auto|bytes|never|always] [--tag TAG] [--tiny]
+      [--loss-math exp|pallas|tanh] [--fold auto|bytes|never|always] [--rope-autodiff] [--tag TAG] [--tiny]
   python benchmarks/gemma2_lora_gpu.py peak      # the bf16 matmul rate, for MFU
 
 CONFIG is one of:
