@@ -321,7 +321,8 @@ def _dot_general(ctx, eqn, invals):
 
 
 # When `x·W + (s·x·A)·B` runs as one matmul `[x, s·x·A]·[W; B]` (see `_fold_pays`):
-# "auto" (on GPUs, where it pays), "always" (wherever the layout allows), "never".
+# "auto" (on GPUs, where it pays), "bytes" (on GPUs, by the byte count alone), "always"
+# (wherever the layout allows), "never". Only the GPU benchmark's A/B rows change it.
 _FOLD = "auto"
 
 
