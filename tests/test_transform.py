@@ -535,34 +535,29 @@ def test_folded_adapter_matmul_equals_the_unfolded_one(monkeypatch):
   assert float(jnp.abs(res["always"][2]["up_proj"].a).max()) > 0
 
 
+def _folds(k, n, r):
+  """Whether jlora.lora folds `_fold_case(k, n, r)` (M = 32 rows)."""
+  tree, x, f = _fold_case(k, n, r)
+  jaxpr = jax.make_jaxpr(jlora.lora(f))(tree, x).jaxpr
+  return any(e.primitive.name == "concatenate" for e in iter_eqns(jaxpr))
+
+
 def test_fold_rule_on_gpu_takes_wide_up_projections_only(monkeypatch):
   """By default the fold runs on GPUs only, for N >= 2K and K + r a multiple of 8."""
   from jlora._src import transform
-
-  def folds(k, n, r):
-    tree, x, f = _fold_case(k, n, r)
-    jaxpr = jax.make_jaxpr(jlora.lora(f))(tree, x).jaxpr
-    return any(e.primitive.name == "concatenate" for e in iter_eqns(jaxpr))
-
-  assert jax.default_backend() == "cpu" and not folds(24, 64, 8)
+  assert jax.default_backend() == "cpu" and not _folds(24, 64, 8)
   monkeypatch.setattr(transform.jax, "default_backend", lambda: "gpu")
-  assert folds(24, 64, 8) and folds(24, 48, 8)
-  assert not folds(24, 47, 8)  # N < 2K: the add is cheaper than the copies
-  assert not folds(24, 64, 4)  # K + r = 28: unaligned rows
+  assert _folds(24, 64, 8) and _folds(24, 48, 8)
+  assert not _folds(24, 47, 8)  # N < 2K: the add is cheaper than the copies
+  assert not _folds(24, 64, 4)  # K + r = 28: unaligned rows
 
 
 def test_fold_rule_by_bytes_alone(monkeypatch):
   """`_FOLD = "bytes"` folds where 4·M·N > 2·M·K + 2·K·N, whatever N/K (GPUs only)."""
   from jlora._src import transform
-
-  def folds(k, n, r):
-    tree, x, f = _fold_case(k, n, r)  # M = 32 rows
-    jaxpr = jax.make_jaxpr(jlora.lora(f))(tree, x).jaxpr
-    return any(e.primitive.name == "concatenate" for e in iter_eqns(jaxpr))
-
   monkeypatch.setattr(transform, "_FOLD", "bytes")
-  assert not folds(24, 20, 8)  # on the CPU: never
+  assert not _folds(24, 20, 8)  # on the CPU: never
   monkeypatch.setattr(transform.jax, "default_backend", lambda: "gpu")
-  assert folds(24, 20, 8)  # 2560 > 1536 + 960
-  assert not folds(24, 16, 8)  # 2048 < 1536 + 768
-  assert not folds(24, 20, 4)  # K + r = 28: unaligned rows
+  assert _folds(24, 20, 8)  # 2560 > 1536 + 960
+  assert not _folds(24, 16, 8)  # 2048 < 1536 + 768
+  assert not _folds(24, 20, 4)  # K + r = 28: unaligned rows
