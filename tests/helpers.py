@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from jlora._src import compat
 
 
 def rand(shape, seed=0, dtype=jnp.float32, scale=1.0):
@@ -50,7 +51,7 @@ def iter_eqns(jaxpr):
   """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan, remat, ...)."""
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in compat.jaxprs_in_params(eqn.params):
       yield from iter_eqns(sub)
 
 

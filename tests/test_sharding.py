@@ -352,6 +352,7 @@ def _flax_boxes(mesh):
   from jax.sharding import PartitionSpec as P
 
   import jlora
+  from jlora._src import compat
   from jlora._src import sharding as S
 
   rules = (("embed", "fsdp"), ("mlp", "tensor"))
@@ -382,13 +383,15 @@ def _flax_boxes(mesh):
 
   with jax.set_mesh(mesh):
     state = nnx.state(N(nnx.Rngs(0)))
+    # flax >= 0.12 shards at init under set_mesh, 0.11 keeps only the names: place it either way.
+    state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
   lst = jlora.apply(state, rank=2)
-  leaf = lst["q_proj"]["kernel"].get_value()
+  leaf = compat.variable_value(lst["q_proj"]["kernel"])
   specs = S.partition_specs(lst)
   sv = specs["q_proj"]["kernel"]
   nn_out = dict(a=list(tuple(leaf.a.sharding.spec)), b=list(tuple(leaf.b.sharding.spec)),
                 specs_keep_variable=isinstance(sv, nnx.Variable))
-  sv = sv.get_value()
+  sv = compat.variable_value(sv)
   nn_out["specs"] = [list(tuple(sv.w)), list(tuple(sv.a)), list(tuple(sv.b))]
   del P
   return lin, nn_out

@@ -51,6 +51,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jlora._src import compat
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
 from jlora._src.optim import _require_trainable, optimizer, update
@@ -98,7 +99,7 @@ def _box_value_and_spec(box, rules):
   """`(value, spec or None, mesh or None)` of a Linen box or an NNX variable."""
   if isinstance(box, _nnx_var_type()):
     md = box.get_metadata()
-    value = box.get_value() if hasattr(box, "get_value") else box.value
+    value = compat.variable_value(box)
     sh = md.get("out_sharding") or md.get("sharding_names") or md.get("sharding")
     mesh = md.get("mesh")
     if isinstance(sh, NamedSharding):
@@ -188,7 +189,7 @@ def _base_lookup(base) -> dict[str, Any]:
       base, is_leaf=lambda x: isinstance(x, (PartitionSpec, jax.sharding.Sharding)) or
       _is_box(x))[0]:
     if _is_box(x):
-      x = x.get_value() if hasattr(x, "get_value") else x.value
+      x = compat.variable_value(x)
     if isinstance(x, NamedSharding):
       x = x.spec
     if isinstance(x, PartitionSpec):
@@ -333,10 +334,8 @@ def _find_mesh(walker: _Walker, mesh):
     return mesh
   if walker.mesh is not None:
     return walker.mesh
-  ctx = jax.sharding.get_mesh() if hasattr(jax.sharding, "get_mesh") else None
-  if isinstance(ctx, Mesh) and not ctx.empty:
-    return ctx
-  return None
+  ctx = compat.get_mesh()
+  return ctx if isinstance(ctx, Mesh) else None
 
 
 def _to_named(specs, mesh):
@@ -450,7 +449,7 @@ def _unbox_flat(flat):
   out = []
   for path, x in flat:
     if _is_box(x):
-      value = x.get_value() if hasattr(x, "get_value") else x.value
+      value = compat.variable_value(x)
       sub = jax.tree_util.tree_flatten_with_path(
           value, is_leaf=lambda y: isinstance(y, PartitionSpec))[0]
       out += [(tuple(path) + tuple(p), y) for p, y in sub]

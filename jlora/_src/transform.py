@@ -214,9 +214,8 @@ def _eval(ctx: _Ctx, jaxpr, consts, args) -> list:
   def read(v):
     return v.val if isinstance(v, jex.core.Literal) else env[v]
 
-  def write(v, x):
-    if not isinstance(v, jex.core.DropVar):
-      env[v] = x
+  def write(v, x):  # a dropped output (DropVar) is written and never read
+    env[v] = x
 
   for v, x in zip(jaxpr.constvars, consts):
     write(v, x)
