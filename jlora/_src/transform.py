@@ -298,25 +298,46 @@ def _dot_general(ctx, eqn, invals):
   s = lv.stack
   a_lab = w_lab[:s] + [w_lab[s + i] for i in lv.a_axes] + ["r"]
   b_lab = w_lab[:s] + ["r"] + [w_lab[s + i] for i in lv.b_axes]
-  contracted = {w_lab[i] for i in wc}
-  # T = x·A: x's axes minus those contracted with A, then A's own axes (rank, free A axes)
-  t_lab = [l for l in x_lab if not (l in contracted and l in a_lab)]
-  t_lab += [l for l in a_lab if l not in x_lab]
+  # Two orders: T = x·A then T·B, or U = x·B then U·A. Each keeps the labels of its two
+  # operands that the third operand or the output still needs. T keeps the kernel's B axes
+  # that x contracts and the A axes it does not (U the other way round), so x·A first is the
+  # skinny order when x contracts A's axes (x·W) and x·B first when it contracts B's (x·Wᵀ,
+  # a tied head, a backward pass). |T|·|U| = r²·|x|·|y| with at most one stack axis, so the
+  # smaller one has at most r·max(|x|, |y|) elements.
+  t_lab = _pair_labels(x_lab, a_lab, b_lab, out)
+  u_lab = _pair_labels(x_lab, b_lab, a_lab, out)
+  dims = dict(zip(x_lab, x.shape)) | dict(zip(w_lab, lv.w.shape)) | {"r": lv.a.shape[-1]}
+  size = lambda labels: math.prod(dims[l] for l in labels)
+  xa_first = size(t_lab) <= size(u_lab)
+  mid_lab, first_lab, second_lab = (t_lab, a_lab, b_lab) if xa_first else (u_lab, b_lab, a_lab)
+  if size(mid_lab) > dims["r"] * max(x.size, lv.w.size, size(out)):
+    # Only with two stack axes, one contracted with x and one kept: both orders keep both.
+    lv = ctx.materialize(lv, "dot_general contracting one stack axis and keeping another")
+    return eqn.primitive.bind(*((lv, x) if lv_is_lhs else (x, lv)), **params)
   cdt = lv.w.dtype
   pet = params.get("preferred_element_type")
   prec = params.get("precision")
   a, b = lv.a.astype(cdt), lv.b.astype(cdt)
-  t = jnp.einsum(f"{''.join(x_lab)},{''.join(a_lab)}->{''.join(t_lab)}", x, a,
+  first, second = (a, b) if xa_first else (b, a)
+  # The rank-wide intermediate (x·A or x·B) carries the scale and the remat name.
+  t = jnp.einsum(f"{''.join(x_lab)},{''.join(first_lab)}->{''.join(mid_lab)}", x, first,
                  precision=prec, preferred_element_type=pet)
   if lv.scale != 1.0:
     t = t * jnp.asarray(lv.scale, t.dtype)
   t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
-  if not lv_is_lhs and _fold_pays(x, lv, t, wc, xc, wb, params):
+  if xa_first and not lv_is_lhs and _fold_pays(x, lv, t, wc, xc, wb, params):
     return _folded_matmul(x, t, lv.w, b, pet, prec)
   base = eqn.primitive.bind(*((lv.w, x) if lv_is_lhs else (x, lv.w)), **params)
-  y = jnp.einsum(f"{''.join(t_lab)},{''.join(b_lab)}->{''.join(out)}", t, b,
+  y = jnp.einsum(f"{''.join(mid_lab)},{''.join(second_lab)}->{''.join(out)}", t, second,
                  precision=prec, preferred_element_type=pet)
   return base + y.astype(base.dtype)
+
+
+def _pair_labels(x_lab, first, other, out):
+  """The labels of `x·first` that `other` or the output still needs (x's order, then first's)."""
+  need = set(other) | set(out)
+  return ([l for l in x_lab if l in need]
+          + [l for l in first if l not in x_lab and l in need])
 
 
 # When `x·W + (s·x·A)·B` runs as one matmul `[x, s·x·A]·[W; B]` (see `_fold_pays`):
