@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora._src import paths as P
 from jlora._src import sharding as S
@@ -45,14 +49,18 @@ def apply(
     targets: which leaves to adapt. `None`: the attention query and value
       projections under the common naming conventions (`query`/`value`,
       `q_proj`/`v_proj`, `attn_q`/`attn_v`, `wq`/`wv`, `q_einsum`, ...);
-      `"all-linear"`: every kernel except embeddings and the LM head; a regular
-      expression searched in the '/'-joined key path (such as
+      `"all-linear"`: every kernel except embedding tables and the LM head; a
+      regular expression searched in the '/'-joined key path (such as
       `"block_3/attention/query/kernel"`); a list of them; or a callable
-      `(path, leaf) -> bool`. Only floating leaves with ndim >= 2 qualify (after
-      stack axes); biases and norms never; embedding tables only when a
-      pattern names them.
+      `(path, leaf) -> bool`. Only floating leaves with ndim >= 2 (after stack
+      axes) are adapted. Biases (`bias`, `b`, `*_bias`) and norm parameters are
+      left out unless a pattern names the leaf itself (`"attn/b"`, not just the
+      module `"attn"`); embedding tables (`embed_tokens/embedding`, `wte`, ...)
+      only when a pattern selects them. Names are compared as whole path
+      components: `text_embedder/attn/query` is a query projection.
     alpha: the LoRA alpha (default: the rank, so the scale is 1), or
-      `{regex: alpha}`.
+      `{regex: alpha}`: a finite, non-zero number (negative flips the sign of
+      the update, as PEFT allows; 0 would never train).
     layout: how an N-d kernel is factored. `"keras"` (default): `a` spans all
       kernel axes but the last, `b` the last (Keras `EinsumDense.enable_lora`;
       for a 2-D `(in, out)` kernel this is the usual `a (in, r)`, `b (r, out)`).
@@ -63,9 +71,11 @@ def apply(
       `{regex: tuple}`.
     stacked: leaves with leading stack axes (layers stacked for `lax.scan`),
       as a pattern (one stack axis) or `{regex: number_of_stack_axes}`. Each
-      slice gets its own adapter.
+      slice gets its own adapter. It must match some leaf, and leave every
+      kernel it matches with ndim >= 2.
     trainable: a pattern of leaves to train in full (wrapped in
-      `jlora.Trainable`), such as a new classifier head.
+      `jlora.Trainable`), such as a new classifier head. It must match some
+      leaf, and only floating (or complex) leaves.
     key: a PRNG key for the init of `a` (default `jax.random.key(0)`); each
       target folds in a hash of its path, so inits don't repeat across leaves.
     dtype: the adapters' dtype (default float32, whatever the kernel's dtype).
@@ -79,9 +89,13 @@ def apply(
     the chosen leaves.
 
   Raises:
-    ValueError: no leaf matched, a bad rank, a layout that does not fit the
-      kernel, a leaf that is already LoRA; each message names the key path.
-    TypeError: a pattern matched a non-floating leaf.
+    ValueError: no leaf matched (`targets`, `stacked` or `trainable`), a named
+      leaf that cannot carry LoRA, a stack that leaves a kernel with fewer than
+      2 axes, a bad rank or alpha, a layout that does not fit the kernel, a
+      leaf that is already LoRA, an invalid regular expression; each message
+      names the key path (or the argument) and the fix.
+    TypeError: a pattern matched a non-floating leaf (or `trainable` one without
+      a gradient), or an argument of the wrong type.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -93,23 +107,34 @@ def apply(
     >>> jlora.count(lp)
     Count(total=352, trainable=96, frozen=256)
   """
-  if init not in INITS:
-    raise ValueError(f"jlora.apply: init={init!r} is not one of {INITS}.")
-  key = jax.random.key(0) if key is None else key
-  targets_fn = _targets_fn(targets)
-  trainable_fn = P.compile_pattern(trainable, "trainable")
-  if isinstance(stacked, Mapping):
-    stack_fn = lambda p, x: P.lookup(stacked, p, "stacked", default=0)
-  else:
-    stacked_pred = P.compile_pattern(stacked, "stacked")
-    stack_fn = lambda p, x: 1 if stacked_pred(p, x) else 0
+  init = _check_init(init)
+  rslora = _check_rslora(rslora)
+  dtype = _adapter_dtype(dtype)
+  key = _prng_key(key)
+  select = _Targets(targets, stacked)
+  trainable_sel = P.compile_pattern(trainable, "trainable")
+  stack = _Stack(stacked)
+  per_target = dict(rank=P.PerTarget(rank, "rank"), alpha=P.PerTarget(alpha, "alpha"),
+                    layout=P.PerTarget(layout, "layout"), in_axes=P.PerTarget(in_axes, "in_axes"))
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
-  out, matched, candidates = [], 0, []
-  for path, leaf in flat:
-    ps = P.path_str(path)
+  leaves = [(P.path_str(path), leaf) for path, leaf in flat]
+  # Patterns that select nothing are typos: say so before anything else is checked.
+  if stacked is not None and not any(stack.matches(ps) for ps, _ in leaves):
+    _raise_no_match("stacked", stacked, stack.sel.hint if stack.sel else next(iter(stacked), None),
+                    [ps for ps, _ in leaves],
+                    "the '/'-joined key paths of the leaves with leading stack axes (layers "
+                    "stacked for lax.scan), e.g. stacked=r'^layers/'")
+  train_flags = [trainable_sel(ps, leaf) for ps, leaf in leaves]
+  if trainable is not None and not any(train_flags):
+    _raise_no_match("trainable", trainable, trainable_sel.hint, [ps for ps, _ in leaves],
+                    "the '/'-joined key paths, e.g. trainable=r'^classifier/'")
+
+  out, matched, candidates, rejects = [], 0, [], []
+  used = {"fan": False}
+  for (ps, leaf), is_trainable in zip(leaves, train_flags):
     if isinstance(leaf, (LoRA, Trainable)):
-      if targets_fn(ps, leaf, explicit_check=False) or trainable_fn(ps, leaf):
+      if select.selects_node(ps, leaf) or is_trainable:
         kind = type(leaf).__name__
         raise ValueError(
             f"jlora.apply: the leaf at {ps!r} is already a jlora.{kind}. Apply LoRA to the "
@@ -117,34 +142,156 @@ def apply(
             f"jlora.merge(tree).")
       out.append(leaf)
       continue
-    n_stack = int(stack_fn(ps, leaf) or 0)
-    kernel_view = _KernelView(leaf, n_stack)
-    if P.qualifies(ps, kernel_view) and not P.is_embedding(ps):
+    n_stack = stack.count(ps)
+    if P.qualifies(ps, _KernelView(leaf, n_stack)) and not P.is_embedding(ps):
       candidates.append(ps)
-    is_target = targets_fn(ps, leaf, n_stack=n_stack)
-    is_trainable = trainable_fn(ps, leaf)
-    if is_target and is_trainable and (targets is None or targets == "all-linear"):
-      is_target = False  # an explicit `trainable` pattern wins over a preset
-    if is_target and is_trainable:
-      raise ValueError(f"jlora.apply: {ps!r} matches both `targets` and `trainable`; a leaf is "
-                       f"either adapted or trained in full. Narrow one of the two patterns.")
     if is_trainable:
+      if select.is_preset:
+        decision = _SKIP  # an explicit `trainable` pattern wins over a preset
+      else:
+        decision = select.decide(ps, leaf, n_stack)
+      if decision is not _SKIP:
+        raise ValueError(f"jlora.apply: {ps!r} matches both `targets` and `trainable`; a leaf is "
+                         f"either adapted or trained in full. Narrow one of the two patterns.")
+      _check_trainable(trainable, ps, leaf)
       out.append(Trainable(leaf))
-    elif is_target:
+      continue
+    decision = select.decide(ps, leaf, n_stack)
+    if decision is _ADAPT:
       matched += 1
-      out.append(_make_lora(ps, leaf, n_stack, rank=rank, alpha=alpha, layout=layout,
-                            in_axes=in_axes, key=key, dtype=dtype, init=init, rslora=rslora))
-    else:
-      out.append(leaf)
-  if matched == 0 and targets_fn.requires_match:
-    hint = targets if isinstance(targets, str) else "query"
-    near = P.nearest(candidates, hint)
+      out.append(_make_lora(ps, leaf, n_stack, key=key, dtype=dtype, init=init, rslora=rslora,
+                            used=used, **per_target))
+      continue
+    if decision is not _SKIP:
+      rejects.append(decision)
+    out.append(leaf)
+  select.raise_for(rejects, matched, candidates)
+  if in_axes is not None and not used["fan"]:
     raise ValueError(
-        f"jlora.apply: targets={targets!r} matched no kernel (a floating leaf with ndim >= 2 "
-        f"that is not a bias or norm). Nearest candidate paths: {near}. Pass a regular "
-        f"expression searched in these '/'-joined paths, e.g. targets={near[0] if near else '...'!r}"
-        f", or targets='all-linear'.")
+        f"jlora.apply: in_axes={in_axes!r} is used only by layout='fan', and no target has "
+        f"layout 'fan' (layout={layout!r}). Pass layout='fan' as well, or leave in_axes out.")
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _check_init(init):
+  if not isinstance(init, str) or init not in INITS:
+    raise ValueError(f"jlora.apply: init={init!r} is not one of {INITS}.")
+  return init
+
+
+def _check_rslora(rslora):
+  if not isinstance(rslora, (bool, np.bool_)):
+    raise TypeError(f"jlora.apply: rslora={rslora!r} must be True or False.")
+  return bool(rslora)
+
+
+def _adapter_dtype(dtype):
+  if dtype is None:
+    return np.dtype(jnp.float32)
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"jlora.apply: dtype={dtype!r} is not a dtype. Pass a floating dtype such as "
+                    f"jnp.float32 (the default) or jnp.bfloat16.") from e
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"jlora.apply: dtype={dt.name} is not a floating dtype; the adapters a and "
+                     f"b are trained by gradient. Pass jnp.float32 (the default) or "
+                     f"jnp.bfloat16.")
+  return dt
+
+
+def _describe(x) -> str:
+  dt, shape = getattr(x, "dtype", None), getattr(x, "shape", None)
+  if dt is not None and shape is not None:
+    return f"{dt}{list(shape)}"
+  return repr(x)
+
+
+def _prng_key(key):
+  if key is None:
+    return jax.random.key(0)
+  dt, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+  if dt is not None and shape is not None:
+    if jax.dtypes.issubdtype(dt, jax.dtypes.prng_key) and tuple(shape) == ():
+      return key
+    if dt == np.uint32 and len(shape) == 1:  # a raw key of jax.random.PRNGKey(seed)
+      return key
+  raise TypeError(f"jlora.apply: key={_describe(key)} is not a PRNG key. Pass one key, "
+                  f"jax.random.key(seed), or leave key=None (jax.random.key(0)).")
+
+
+def _as_int(x):
+  """`x` as a Python int if it is an integer (Python, NumPy, 0-d JAX), not a bool; else None."""
+  if isinstance(x, (bool, np.bool_)):
+    return None
+  try:
+    return operator.index(x)
+  except TypeError:
+    return None
+
+
+def _check_trainable(trainable, ps, leaf):
+  dt = getattr(leaf, "dtype", None)
+  if dt is not None and hasattr(leaf, "shape"):
+    if jnp.issubdtype(dt, jnp.inexact):
+      return
+    what = f"of dtype {dt} ({_kind(dt)} array)"
+  elif isinstance(leaf, (float, complex)) and not isinstance(leaf, bool):
+    return
+  else:
+    what = f"of type {type(leaf).__name__}"
+  raise TypeError(
+      f"jlora.apply: trainable={trainable!r} matched {ps!r} {what}: it has no gradient, so it "
+      f"cannot be trained (only floating or complex leaves can). Narrow the pattern so it "
+      f"leaves {ps!r} out.")
+
+
+def _kind(dt) -> str:
+  if jnp.issubdtype(dt, jnp.bool_):
+    return "a boolean"
+  if jnp.issubdtype(dt, jnp.integer):
+    return "an integer"
+  if jnp.issubdtype(dt, jnp.complexfloating):
+    return "a complex"
+  return f"a {dt}"
+
+
+def _raise_no_match(what, pattern, hint, paths, example):
+  near = P.nearest(P.prefixes(paths), hint)
+  raise ValueError(
+      f"jlora.apply: {what}={pattern!r} matched no leaf. Nearest paths: {near}. Pass a "
+      f"regular expression searched in {example}.")
+
+
+class _Stack:
+  """The number of leading stack axes of each leaf (`stacked=`)."""
+
+  def __init__(self, stacked):
+    self.stacked = stacked
+    if isinstance(stacked, Mapping):
+      self.sel, self.counts = None, P.PerTarget(stacked, "stacked")
+    else:
+      self.sel, self.counts = P.compile_pattern(stacked, "stacked"), None
+
+  def matches(self, ps) -> bool:
+    return self.counts.matches_any(ps) if self.counts is not None else self.sel(ps)
+
+  def count(self, ps) -> int:
+    if self.counts is None:
+      return 1 if self.sel(ps) else 0
+    n, _ = self.counts.get(ps, 0)
+    k = _as_int(n)
+    if k is None or k < 0:
+      raise (TypeError if k is None else ValueError)(
+          f"jlora.apply: stacked={self.stacked!r} gives {n!r} stack axes for {ps!r}; it must be "
+          f"an int >= 0 (the number of leading stack axes), e.g. stacked={{'^layers/': 1}}.")
+    return k
+
+
+# ----------------------------------------------------------------------------- targets
 
 
 class _KernelView:
@@ -156,78 +303,192 @@ class _KernelView:
     self.dtype = getattr(leaf, "dtype", None)
 
 
-def _targets_fn(targets):
-  """Returns `f(path, leaf, n_stack=0, explicit_check=True) -> bool` with `.requires_match`."""
-  if targets is None or targets == "all-linear":
-    qv = P.compile_pattern(P.QV_PATTERN, "targets")
-    preset = targets
+_ADAPT, _SKIP = "adapt", "skip"
 
-    def f(ps, leaf, n_stack=0, explicit_check=True):
-      if isinstance(leaf, (LoRA, Trainable)):
-        return preset is None and qv(ps, leaf) or preset == "all-linear"
-      view = _KernelView(leaf, n_stack)
-      if not P.qualifies(ps, view) or P.is_embedding(ps):
-        return False
-      if preset == "all-linear":
-        return not P._HEAD_RE.search(ps)
-      return qv(ps, leaf)
-  else:
-    if isinstance(targets, str) and targets in ("all_linear", "all"):
-      raise ValueError(f"jlora.apply: unknown preset targets={targets!r}; did you mean "
-                       f"'all-linear'?")
-    user = P.compile_pattern(targets, "targets")
-    is_callable = callable(targets) and not isinstance(targets, (str, Sequence))
 
-    def f(ps, leaf, n_stack=0, explicit_check=True):
-      if not user(ps, leaf):
-        return False
-      if isinstance(leaf, (LoRA, Trainable)) or not explicit_check:
-        return True
-      view = _KernelView(leaf, n_stack)
-      if not hasattr(leaf, "shape"):
-        return False
-      if not P.is_floating(leaf):
-        if len(view.shape) >= 2 or is_callable:
-          raise TypeError(
-              f"jlora.apply: targets={targets!r} matched {ps!r} of dtype {leaf.dtype}; only "
-              f"floating kernels can carry LoRA. Narrow the pattern so it excludes this leaf.")
-        return False
-      if len(view.shape) < 2:
-        if is_callable:
-          raise ValueError(
-              f"jlora.apply: the targets callable selected {ps!r} with kernel shape "
-              f"{view.shape}; LoRA needs ndim >= 2 (after {n_stack} stack axes). Return False "
-              f"for it.")
-        return False
-      if P.is_bias_like(ps) or P._NORM_RE.search(ps):
-        return is_callable
-      return True
+class _Targets:
+  """Decides, leaf by leaf, whether `targets` adapts it (`decide`), and raises for misses."""
 
-  f.requires_match = True
-  return f
+  def __init__(self, targets, stacked):
+    self.targets = targets
+    self.stacked = stacked
+    self.is_preset = targets is None or (isinstance(targets, str) and targets == "all-linear")
+    self.sel = None
+    if not self.is_preset:
+      if isinstance(targets, str) and targets in ("all_linear", "all"):
+        raise ValueError(f"jlora.apply: unknown preset targets={targets!r}; did you mean "
+                         f"'all-linear'?")
+      self.sel = P.compile_pattern(targets, "targets")
+
+  def selects_node(self, ps, leaf) -> bool:
+    """Whether the targets select a leaf that is already a `LoRA`/`Trainable`."""
+    if self.targets is None:
+      return P.is_qv(ps)
+    return True if self.is_preset else self.sel(ps, leaf)
+
+  def decide(self, ps, leaf, n_stack):
+    """`_ADAPT`, `_SKIP`, or `(kind, path, description)` for a leaf the targets ask for in vain."""
+    return self._preset(ps, leaf, n_stack) if self.is_preset else self._explicit(ps, leaf, n_stack)
+
+  def _stack_reject(self, ps, shape, kshape, n_stack):
+    return ("stack", ps, f"{ps!r} of shape {shape} with kernel shape {kshape} after {n_stack} "
+                         f"stack {'axis' if n_stack == 1 else 'axes'}")
+
+  def _preset(self, ps, leaf, n_stack):
+    shape = getattr(leaf, "shape", None)
+    if shape is None or not P.is_floating(leaf):
+      return _SKIP
+    if P.is_bias_like(ps) or P.is_norm(ps) or P.is_embedding(ps):
+      return _SKIP
+    if self.targets is None and not P.is_qv(ps):
+      return _SKIP
+    if self.targets == "all-linear" and P.is_head(ps):
+      return _SKIP
+    shape = tuple(shape)
+    kshape = _KernelView(leaf, n_stack).shape
+    if len(kshape) >= 2:
+      return _ADAPT
+    if n_stack > 0 and len(shape) >= 2 and P.is_kernel_named(ps):
+      return self._stack_reject(ps, shape, kshape, n_stack)
+    return _SKIP
+
+  def _explicit(self, ps, leaf, n_stack):
+    if not self.sel(ps, leaf):
+      return _SKIP
+    named = self.sel.names(ps, leaf)
+    shape, dt = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is None or dt is None:
+      return ("select", ps, f"{ps!r}, a {type(leaf).__name__} (not an array)") if named else _SKIP
+    shape = tuple(shape)
+    kshape = _KernelView(leaf, n_stack).shape
+    if not P.is_floating(leaf):
+      if named or len(kshape) >= 2:
+        raise TypeError(
+            f"jlora.apply: {self._what()} matched {ps!r} of dtype {dt}; only floating kernels "
+            f"can carry LoRA (this is {_kind(dt)} array). Narrow the pattern so it excludes "
+            f"this leaf.")
+      return _SKIP
+    bias, norm = P.is_bias_like(ps), P.is_norm(ps)
+    if len(kshape) < 2:
+      kernel_named = P.is_kernel_named(ps) and not bias and not norm
+      if n_stack > 0 and len(shape) >= 2 and (named or kernel_named):
+        return self._stack_reject(ps, shape, kshape, n_stack)
+      if named:
+        what = " (a bias)" if bias else " (a norm parameter)" if norm else ""
+        return ("select", ps, f"{ps!r} of shape {shape}{what}", kshape, n_stack)
+      return _SKIP
+    if (bias or norm) and not named:
+      return _SKIP
+    return _ADAPT
+
+  def _what(self) -> str:
+    return "the targets callable" if self.sel is not None and self.sel.is_callable else (
+        f"targets={self.targets!r}")
+
+  def raise_for(self, rejects, matched, candidates):
+    """Raises for the targets asked for in vain, or for no target at all."""
+    for r in rejects:
+      if r[0] == "stack":
+        raise ValueError(
+            f"jlora.apply: stacked={self.stacked!r} leaves {r[2]}; LoRA needs a kernel with "
+            f"ndim >= 2 after the stack axes. Match only leaves with leading stack axes (layers "
+            f"stacked for lax.scan) in `stacked`, or leave {r[1]!r} out of `targets`.")
+    selected = [r for r in rejects if r[0] == "select"]
+    if matched == 0:
+      hint = self.targets if isinstance(self.targets, str) else (
+          self.sel.hint if self.sel is not None and self.sel.hint else "query")
+      near = P.nearest(candidates, hint)
+      why = ""
+      if selected:
+        why = (f": it selected {', '.join(r[2] for r in selected[:3])}"
+               f"{' and more' if len(selected) > 3 else ''}, and LoRA needs ndim >= 2")
+      raise ValueError(
+          f"jlora.apply: targets={self.targets!r} matched no kernel (a floating leaf with ndim "
+          f">= 2 that is not a bias or norm){why}. Nearest candidate paths: {near}. Pass a "
+          f"regular expression searched in these '/'-joined paths, e.g. "
+          f"targets={near[0] if near else '...'!r}, or targets='all-linear'.")
+    if selected:
+      r = selected[0]
+      if self.sel.is_callable:
+        raise ValueError(
+            f"jlora.apply: the targets callable selected {r[1]!r} with kernel shape {r[3]}; LoRA "
+            f"needs ndim >= 2 (after {r[4]} stack axes). Return False for it.")
+      raise ValueError(
+          f"jlora.apply: targets={self.targets!r} selects {r[2]}; LoRA needs a kernel with "
+          f"ndim >= 2. Narrow the pattern so it leaves {r[1]!r} out.")
+
+
+# ----------------------------------------------------------------------------- one target
 
 
 def _path_key(key, ps):
   return jax.random.fold_in(key, zlib.crc32(ps.encode()) & 0x7FFFFFFF)
 
 
-def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, init, rslora):
-  shape = tuple(leaf.shape)  # `_targets_fn` let through only kernels with ndim >= 2
+def _from(pattern) -> str:
+  return "" if pattern is None else f" (from the pattern {pattern!r})"
+
+
+def _check_alpha(al, ps, pattern) -> float:
+  real = isinstance(al, numbers.Real) or (
+      hasattr(al, "dtype") and np.ndim(al) == 0
+      and (jnp.issubdtype(al.dtype, jnp.floating) or jnp.issubdtype(al.dtype, jnp.integer)))
+  if isinstance(al, (bool, np.bool_)) or not real:
+    raise TypeError(f"jlora.apply: alpha for {ps!r}{_from(pattern)} must be a real number, got "
+                    f"{al!r}. Pass e.g. alpha=16.0, or alpha=None for the rank (scale 1).")
+  try:
+    f = float(al)
+  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    raise TypeError(f"jlora.apply: alpha for {ps!r}{_from(pattern)} must be a concrete number "
+                    f"(it is static metadata of the LoRA leaf), not a traced value. Pass a "
+                    f"Python float.") from e
+  if not math.isfinite(f):
+    raise ValueError(
+        f"jlora.apply: alpha {f!r} for {ps!r}{_from(pattern)} is not finite: the scale "
+        f"alpha/rank would turn every adapted weight into nan. Pass a finite alpha (e.g. "
+        f"alpha=16.0), or alpha=None for the rank (scale 1).")
+  if f == 0:
+    raise ValueError(
+        f"jlora.apply: alpha {f!r} for {ps!r}{_from(pattern)} makes the scale 0: the adapter "
+        f"never changes the model and gets no gradient, so it never trains. Pass a non-zero "
+        f"alpha (e.g. alpha=16.0), or alpha=None for the rank (scale 1).")
+  return f
+
+
+def _in_axes(ia, ps):
+  bad = TypeError(f"jlora.apply: in_axes={ia!r} for {ps!r} must be an int or a tuple of ints "
+                  f"(the kernel's input axes), e.g. in_axes=(0,).")
+  one = _as_int(ia)
+  if one is not None:
+    return (one,)
+  if isinstance(ia, (str, bytes, bool, np.bool_)) or not hasattr(ia, "__iter__"):
+    raise bad
+  axes = tuple(_as_int(i) for i in ia)
+  if any(i is None for i in axes):
+    raise bad
+  return axes
+
+
+def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, init, rslora,
+               used):
+  shape = tuple(leaf.shape)  # `_Targets` let through only kernels with ndim >= 2
   stack_shape, kshape = shape[:n_stack], shape[n_stack:]
-  r = P.lookup(rank, ps, "rank")
-  if isinstance(r, bool) or not isinstance(r, int):
-    raise TypeError(f"jlora.apply: rank for {ps!r} must be an int, got {r!r}.")
-  lay = P.lookup(layout, ps, "layout")
-  if lay == "keras":
+  r_given, _ = rank.get(ps, required=True)
+  r = _as_int(r_given)
+  if r is None:
+    raise TypeError(f"jlora.apply: rank for {ps!r} must be an int, got {r_given!r}.")
+  lay, _ = layout.get(ps, required=True)
+  if isinstance(lay, str) and lay == "keras":
     a_axes = tuple(range(len(kshape) - 1))
-  elif lay == "fan":
-    ia = P.lookup(in_axes, ps, "in_axes", default=(0,) if len(kshape) == 2 else None)
+  elif isinstance(lay, str) and lay == "fan":
+    used["fan"] = True
+    ia, _ = in_axes.get(ps, (0,) if len(kshape) == 2 else None, required=True)
     if ia is None:
       raise ValueError(
           f"jlora.apply: layout='fan' needs the input axes of the {len(kshape)}-d kernel at "
-          f"{ps!r} (shape {kshape}). Pass them, e.g. in_axes={{{ps!r}: (0,)}}, or use "
+          f"{ps!r} (shape {kshape}). Pass them, e.g. in_axes={{{re.escape(ps)!r}: (0,)}}, or use "
           f"layout='keras'.")
-    ia = (ia,) if isinstance(ia, int) else tuple(ia)
+    ia = _in_axes(ia, ps)
     nd = len(kshape)
     a_axes = tuple(sorted(i % nd if -nd <= i < nd else i for i in ia))
     if (len(set(a_axes)) != len(a_axes) or any(not 0 <= i < nd for i in a_axes)
@@ -240,17 +501,27 @@ def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, i
   a_dims = tuple(kshape[i] for i in a_axes)
   b_dims = tuple(kshape[i] for i in range(len(kshape)) if i not in a_axes)
   fan_in, fan_out = math.prod(a_dims), math.prod(b_dims)
+  low = min(fan_in, fan_out)
   if r < 1:
     raise ValueError(f"jlora.apply: rank {r} for {ps!r} must be >= 1 (the number of columns of "
                      f"a); use e.g. rank=4, or leave {ps!r} out of `targets`.")
-  if r >= min(fan_in, fan_out):
+  if low < 2:
+    other = (", or factor it another way: layout='fan' with in_axes naming its input axes"
+             if len(kshape) > 2 else "")
+    raise ValueError(
+        f"jlora.apply: the kernel at {ps!r} of shape {kshape} cannot carry a LoRA adapter: "
+        f"factored as {fan_in} x {fan_out} in layout {lay!r}, no rank r fits 1 <= r < {low}; "
+        f"leave it out of `targets`{other}.")
+  if r >= low:
+    rest = ({rx.pattern: v for rx, v in rank.rules} if rank.is_mapping else {".*": r})
+    fix = {re.escape(ps): low - 1, **rest}
     raise ValueError(
         f"jlora.apply: rank {r} for {ps!r} (kernel {kshape}, factored as {fan_in} x {fan_out} "
-        f"in layout {lay!r}) must be >= 1 and < {min(fan_in, fan_out)}; a rank that large is "
-        f"no longer low-rank. Give this kernel a smaller rank, e.g. rank={{{ps!r}: "
-        f"{max(1, min(fan_in, fan_out) - 1)}, '.*': {r}}}, or leave it out of `targets`.")
-  al = P.lookup(alpha, ps, "alpha", default=r)
-  al = float(r if al is None else al)
+        f"in layout {lay!r}) must be >= 1 and < {low}; a rank that large is no longer "
+        f"low-rank. Give this kernel a smaller rank, e.g. rank={fix!r}, or leave it out of "
+        f"`targets`.")
+  al, al_pattern = alpha.get(ps)
+  al = float(r) if al is None else _check_alpha(al, ps, al_pattern)
   k = _path_key(key, ps)
   a_shape = stack_shape + a_dims + (r,)
   b_shape = stack_shape + (r,) + b_dims
@@ -261,9 +532,8 @@ def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, i
     a, b = placed
     return LoRA(w=leaf, a=a, b=b, alpha=al, a_axes=a_axes, stack=n_stack, rslora=rslora)
   if init == "he_uniform":
-    lim = math.sqrt(6.0 / fan_in)
     a = jax.random.uniform(k, a_shape, dtype, -lim, lim)
   else:
     a = jax.random.normal(k, a_shape, dtype) * jnp.asarray(1.0 / r, dtype)
-  b = jnp.zeros(stack_shape + (r,) + b_dims, dtype)
+  b = jnp.zeros(b_shape, dtype)
   return LoRA(w=leaf, a=a, b=b, alpha=al, a_axes=a_axes, stack=n_stack, rslora=rslora)
