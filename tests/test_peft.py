@@ -85,8 +85,8 @@ def test_export_then_import_round_trip(tmp_path):
   cfg = _json(os.path.join(d, "adapter_config.json"))
   assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 8
   assert cfg["base_model_name_or_path"] == "tiny" and cfg["use_rslora"] is False
-  assert cfg["rank_pattern"] == {r"model\.layers\.0\.self_attn\.q_proj": 4,
-                                 r"model\.layers\.1\.self_attn\.q_proj": 4}
+  assert cfg["rank_pattern"] == {r"^model\.layers\.0\.self_attn\.q_proj": 4,
+                                 r"^model\.layers\.1\.self_attn\.q_proj": 4}
   assert set(cfg["alpha_pattern"].values()) == {3}
   assert len(cfg["target_modules"]) == 2 * 7
   w = load_file(os.path.join(d, "adapter_model.safetensors"))
@@ -286,8 +286,11 @@ def test_import_errors(tmp_path):
   for hf in ("A", "B"):
     k = f"base_model.model.model.layers.1.self_attn.q_proj.lora_{hf}.weight"
     ranks[k] = np.concatenate([w[k], w[k]], axis=0 if hf == "A" else 1)
+  with pytest.raises(ValueError, match="gives rank 2 for 'model.layers.1.self_attn.q_proj'"):
+    jp.import_peft(_write_adapter(tmp_path / "r0", cfg, ranks), p)
   with pytest.raises(ValueError, match="different ranks.*one dict per layer"):
-    jp.import_peft(_write_adapter(tmp_path / "r", cfg, ranks), p)
+    jp.import_peft(_write_adapter(tmp_path / "r", {
+        **cfg, "rank_pattern": {r"layers\.1\.self_attn\.q_proj": 4}}, ranks), p)
   alphas = {**cfg, "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 2}}
   with pytest.raises(ValueError, match="different lora_alphas"):
     jp.import_peft(_write_adapter(tmp_path / "a", alphas, w), p)
@@ -437,3 +440,85 @@ def test_docstring_examples():
   import doctest
   res = doctest.testmod(jp, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert res.failed == 0 and res.attempted >= 10
+
+
+# ----------------------------------------------------------------------------- faults, against peft
+
+
+@_PEFT_WARNINGS
+@pytest.mark.filterwarnings("ignore:.*changes the base weights of the model:UserWarning")
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_init_is_refused_and_its_plain_lora_conversion_imports(hf, tmp_path, init):
+  """PEFT loads a PiSSA/OLoRA adapter onto residual base weights; jlora refuses it, and imports
+  the plain LoRA adapter PEFT converts it to (the fix its message names) to PEFT's weights."""
+  import peft
+  import torch
+  cfg, sd = hf
+  pm = peft.get_peft_model(_fresh_model(cfg, sd), peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+  pm.peft_config["default"].init_lora_weights = True  # as PEFT's docs save the initial adapter
+  pm.save_pretrained(str(tmp_path / "init"))
+  pm.peft_config["default"].init_lora_weights = init
+  torch.manual_seed(2)
+  with torch.no_grad():  # "training"
+    for name, prm in pm.named_parameters():
+      if "lora_" in name:
+        prm.add_(0.1 * torch.randn_like(prm))
+  pm.save_pretrained(str(tmp_path / "trained"))
+  pm.save_pretrained(str(tmp_path / "converted"),
+                     path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+  want = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+  params = _hf_to_params(sd)
+
+  with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*"
+                                       "path_initial_model_for_weight_conversion"):
+    jp.import_peft(tmp_path / "trained", params)
+  got = jlora.merge(jp.import_peft(tmp_path / "converted", params))
+  for m in ("q_proj", "v_proj"):
+    for i in range(L):
+      np.testing.assert_allclose(np.asarray(got["layers"]["self_attn"][m]["kernel"][i]).T,
+                                 want[f"model.layers.{i}.self_attn.{m}.weight"], atol=2e-5)
+  # what the refusal prevents: the trained factors on the untouched base are far off
+  cfg_path = tmp_path / "trained" / "adapter_config.json"
+  c = _json(cfg_path)
+  _write(cfg_path, json.dumps({**c, "init_lora_weights": True}).encode())
+  naive = jlora.merge(jp.import_peft(tmp_path / "trained", params))
+  q = np.asarray(naive["layers"]["self_attn"]["q_proj"]["kernel"][0]).T
+  assert np.abs(q - want["model.layers.0.self_attn.q_proj.weight"]).max() > 0.05
+
+
+def test_module_selection_follows_peft():
+  """jlora's reading of target_modules / exclude_modules / modules_to_save / layers_to_transform
+  is PEFT's check_target_module_exists."""
+  import peft
+  from peft.tuners.tuners_utils import check_target_module_exists
+  modules = [f"model.layers.{i}.{g}.{m}" for i in (0, 1, 12) for g, ms in PROJ.items()
+             for m in ms] + ["lm_head", "model.layers.1.mlp.experts.0.up_proj", "q_proj"]
+  configs = [
+      {"target_modules": ["q_proj", "v_proj"]},
+      {"target_modules": ["self_attn.q_proj", "model.layers.1.mlp.up_proj"]},
+      {"target_modules": r".*layers\.1\d?\..*_proj"},
+      {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1, 12]},
+      {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": 0,
+       "layers_pattern": "layers"},
+      {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0, 1],
+       "layers_pattern": ["h", "layers"]},
+      {"target_modules": ["q_proj", "o_proj", "up_proj"], "exclude_modules": ["o_proj"],
+       "modules_to_save": ["up_proj"]},
+      {"target_modules": ["q_proj", "k_proj"], "exclude_modules": r".*layers\.0\..*"},
+      {"target_modules": ["q_proj", "model.layers.1.self_attn.q_proj"],
+       "layers_to_transform": [0]},
+  ]
+  for c in configs:
+    lc = peft.LoraConfig(**c)
+    for m in modules:
+      assert (jp._deselected_by(c, m) is None) == bool(check_target_module_exists(lc, m)), (c, m)
+
+
+def test_exported_patterns_select_one_module_in_peft():
+  from peft.utils.other import get_pattern_key
+  names = ["model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
+           "vision.model.layers.1.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+  for n in names:
+    pattern = jp._exact(n)
+    assert [m for m in names if get_pattern_key([pattern], m) == pattern] == [n]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import uuid
@@ -44,7 +45,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])"
-                     r"(?:\.[A-Za-z0-9_-]+)?\.weight$")
+                     r"(?:\.(?P<name>[A-Za-z0-9_-]+))?\.weight$")
 _LEAF_NAMES = {"kernel": ("weight", True), "embedding": ("weight", False),
                "scale": ("weight", False), "bias": ("bias", False)}
 
@@ -154,6 +155,11 @@ def _num(x: float):
   return int(x) if float(x).is_integer() else float(x)
 
 
+def _exact(module: str) -> str:
+  """A PEFT rank/alpha pattern that selects `module` and no other module name."""
+  return "^" + re.escape(module)
+
+
 def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMap = "llama",
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
                 dtype: Any = None, overwrite: bool = False) -> str:
@@ -164,7 +170,8 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
   on the Hugging Face model whose weights the key map names. Stacked leaves
   become one PEFT module per slice; `a`/`b` are transposed to PEFT's
   `lora_A (r, in)`/`lora_B (out, r)`. Ranks and alphas that differ between
-  targets go to `rank_pattern`/`alpha_pattern`.
+  targets go to `rank_pattern`/`alpha_pattern`, each anchored (`^`) to its one
+  module.
 
   Args:
     directory: the adapter directory (created if needed).
@@ -184,7 +191,8 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
     ValueError: no LoRA leaf; a `Trainable` leaf (PEFT LoRA files hold LoRA
       factors only); a kernel that is not 2-D or not `(in, out)`; a path the
       key map does not name; a stack count that does not match the name's
-      `{}` fields; LoRA leaves that mix `rslora`.
+      `{}` fields; LoRA leaves that mix `rslora`; an alpha that is not a finite
+      number (the config is strict JSON).
     FileExistsError: the adapter files exist and `overwrite` is False.
 
   Example:
@@ -238,6 +246,14 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
           f"jlora.export_peft: the LoRA leaf at {ps!r} has {x.stack} stack axes but its "
           f"Hugging Face name {name!r} has {n_fields} '{{}}' fields; the key map needs one "
           f"'{{}}' per stack axis (build the tree with jlora.apply(..., stacked=...) to match).")
+    leaf_alpha = x.alpha
+    if (isinstance(leaf_alpha, bool) or not isinstance(leaf_alpha, (int, float, np.number))
+        or not math.isfinite(leaf_alpha)):
+      raise ValueError(
+          f"jlora.export_peft: the LoRA leaf at {ps!r} has alpha {leaf_alpha!r}; PEFT's lora_alpha "
+          f"must be a finite number (a NaN or infinite alpha makes the adapted weight NaN or "
+          f"inf, and is no valid JSON). Rebuild the leaf with a finite alpha, e.g. "
+          f"jlora.apply(params, ..., alpha=16.0).")
     rslora.add(bool(x.rslora))
     a, b = _np(x.a, dtype), _np(x.b, dtype)
     for idx in np.ndindex(*a.shape[:x.stack]):
@@ -263,8 +279,10 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
       "r": r,
       "lora_alpha": _num(alpha),
       "target_modules": sorted(modules),
-      "rank_pattern": {re.escape(m): v[0] for m, v in modules.items() if v[0] != r},
-      "alpha_pattern": {re.escape(m): _num(v[1]) for m, v in modules.items() if v[1] != alpha},
+      # PEFT matches a pattern against every module name that ends in it ('enc.q' also hits
+      # 'dec.enc.q'); '^' anchors it to its one module.
+      "rank_pattern": {_exact(m): v[0] for m, v in modules.items() if v[0] != r},
+      "alpha_pattern": {_exact(m): _num(v[1]) for m, v in modules.items() if v[1] != alpha},
       "use_rslora": rslora.pop(),
       "lora_dropout": 0.0,
       "bias": "none",
@@ -282,7 +300,7 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
 
   def write_config(p):
     with open(p, "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
+      json.dump(config, f, indent=2, sort_keys=True, allow_nan=False)
 
   _replace_files({w_path: lambda p: _save_safetensors(tensors, p), cfg_path: write_config},
                  "export_peft")
@@ -291,8 +309,171 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
 
 # ----------------------------------------------------------------------------- import
 
+# PEFT LoraConfig fields (peft 0.21 and older) that leave a saved adapter's weights as they are:
+# metadata, training-only options, settings of initializations that keep the base weights.
+_NO_EFFECT = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "lora_dropout", "megatron_config", "megatron_core",
+    "runtime_config", "eva_config", "loftq_config", "corda_config", "lora_ga_config",
+    "velora_config", "qalora_group_size"})
+# The fields import_peft reads; each is checked in _read_config.
+_READ = frozenset({
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights",
+    "bias", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "modules_to_save"})
+# Fields that, when set, make PEFT compute something a jlora.LoRA leaf does not.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (a learned magnitude rescales each output; jlora has no DoRA yet)",
+    "lora_bias": "a trained bias beside lora_B",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D) base weights",
+    "alora_invocation_tokens": "Activated LoRA (the adapter acts only from its invocation "
+                               "tokens on)",
+    "use_qalora": "QA-LoRA (lora_A reads group-pooled inputs)",
+    "layer_replication": "layers replicated in the base model, whose layers then differ from "
+                         "params'",
+    "target_parameters": "LoRA on bare nn.Parameter tensors (e.g. MoE experts)",
+    "trainable_token_indices": "trained embedding rows (trainable tokens)",
+    "kasa_config": "KaSA (it truncates singular values of the base weights)",
+    "use_bdlora": "block-diagonal LoRA factors",
+    "arrow_config": "Arrow (it routes each token between several adapters)",
+    "monteclora_config": "MonteCLoRA (sampled variational factors)",
+    "ensure_weight_tying": "adapters tied between the input embedding and the LM head",
+    "enable_lora": "the merged QKV layers of early PEFT (enable_lora)",
+}
+_MERGE_FIX = ("Merge the adapter in PEFT (model.merge_and_unload()) and load the merged "
+              "weights as params")
 
-def _read_config(directory: str) -> dict:
+
+def _init_kind(v) -> str:
+  """PEFT's `init_lora_weights`: 'keep' (the base weights as they are), 'residual', 'loftq',
+  or 'unknown' (PEFT refuses it), as peft.tuners.lora.LoraLayer.update_layer reads it."""
+  if v is None or isinstance(v, bool):
+    return "keep"
+  if not isinstance(v, str):
+    return "unknown"
+  if v.lower() in ("gaussian", "mica") or v in ("eva", "orthogonal"):
+    return "keep"
+  if v.startswith(("pissa", "corda")) or v.lower() == "olora" or v == "lora_ga":
+    return "residual"
+  return "loftq" if v == "loftq" else "unknown"
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_regex(cfg_path: str, what: str, text: str, wrap=lambda t: t) -> None:
+  try:
+    re.compile(wrap(text))
+  except re.error as e:
+    raise ValueError(f"jlora.import_peft: in {cfg_path!r}, the {what} {text!r} is not a valid "
+                     f"regex ({e}). Fix it (PEFT fails on it too).") from e
+
+
+def _check_names(cfg: dict, cfg_path: str, field: str, regex_ok: bool, wrap=None) -> None:
+  """`field` is None, a list of str, or (when `regex_ok`) one str regex."""
+  v = cfg.get(field)
+  if v is None or (regex_ok and isinstance(v, str)):
+    if isinstance(v, str) and not (field == "target_modules" and v.lower() == "all-linear"):
+      _check_regex(cfg_path, field, v)
+    return
+  if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+    kind = "a list of names or a regex (a str)" if regex_ok else "a list of names"
+    raise ValueError(f"jlora.import_peft: {cfg_path!r} has {field}={v!r}; it must be {kind}. "
+                     f"Fix the config.")
+  if wrap is not None:
+    for x in v:
+      _check_regex(cfg_path, f"{field} entry", x, wrap)
+
+
+def _check_config(cfg: dict, cfg_path: str) -> None:
+  """Refuses a config whose adapter PEFT would load to other weights than jlora, or not at all."""
+  bad = lambda what, fix: ValueError(f"jlora.import_peft: {cfg_path!r} has {what}; {fix} Fix "
+                                     f"the config.")
+  for flag, why in _UNSUPPORTED.items():
+    if cfg.get(flag):
+      raise ValueError(
+          f"jlora.import_peft: {cfg_path!r} sets {flag}={json.dumps(cfg[flag])}: {why}, which a "
+          f"jlora.LoRA leaf does not compute, so the imported weights would differ from PEFT's. "
+          f"{_MERGE_FIX}, or use an adapter trained without {flag}.")
+  for key, v in cfg.items():
+    if key not in _NO_EFFECT and key not in _READ and key not in _UNSUPPORTED and v not in (
+        None, False, "", [], {}):
+      raise ValueError(
+          f"jlora.import_peft: {cfg_path!r} sets {key!r}={v!r}, a PEFT option jlora does not "
+          f"know (from a newer PEFT?); it may change the weights the adapter gives. Remove it "
+          f"from the config if it does not, or: {_MERGE_FIX}.")
+  init = cfg.get("init_lora_weights")
+  kind = _init_kind(init)
+  if kind == "residual":
+    raise ValueError(
+        f"jlora.import_peft: {cfg_path!r} has init_lora_weights={init!r}: PEFT trains such an "
+        f"adapter on residual base weights (the base weights minus the adapter's initial "
+        f"product) and rebuilds them when it loads the adapter; jlora does not rebuild them yet, "
+        f"so the imported weights would differ from PEFT's. Convert the adapter to plain LoRA "
+        f"with PEFT first: peft_model.save_pretrained(out_dir, "
+        f"path_initial_model_for_weight_conversion=<the adapter saved right after "
+        f"initialization>) (PEFT's 'convert PiSSA/OLoRA/CorDA to LoRA'; the result says "
+        f"init_lora_weights true and has twice the rank), then import out_dir.")
+  if kind == "loftq":
+    raise ValueError(
+        f"jlora.import_peft: {cfg_path!r} has init_lora_weights='loftq': PEFT then replaces "
+        f"the base weights with a quantized backbone (LoftQ) as it loads the adapter, which "
+        f"jlora does not do. Import onto the LoftQ backbone's weights (PEFT's LoftQ scripts save "
+        f"them beside the adapter), with a config that says init_lora_weights true, as PEFT's "
+        f"LoftQ example saves it.")
+  if kind == "unknown":
+    raise ValueError(
+        f"jlora.import_peft: {cfg_path!r} has init_lora_weights={init!r}, which is not a value "
+        f"PEFT documents (true, false, 'gaussian', 'eva', 'orthogonal', 'mica'; 'pissa', "
+        f"'pissa_niter_<n>', 'olora', 'corda', 'loftq', 'lora_ga' change the base weights); "
+        f"PEFT refuses it too. Fix the config.")
+  if "r" in cfg and not (_is_int(cfg["r"]) and cfg["r"] > 0):
+    raise bad(f"r={cfg['r']!r}", "the LoRA rank must be a positive int.")
+  if "lora_alpha" in cfg and not _is_finite(cfg["lora_alpha"]):
+    raise bad(f"lora_alpha={cfg['lora_alpha']!r}",
+              "it must be a finite number (PEFT scales the update by lora_alpha / r).")
+  for field, ok, kind in (("rank_pattern", lambda x: _is_int(x) and x > 0, "positive int"),
+                          ("alpha_pattern", _is_finite, "finite number")):
+    pattern = cfg.get(field)
+    if pattern is None:
+      continue
+    if not isinstance(pattern, dict):
+      raise bad(f"{field}={pattern!r}", f"it must be a dict {{regex: {kind}}}.")
+    for key, value in pattern.items():
+      _check_regex(cfg_path, f"{field} key", key, lambda k: rf"(.*\.)?({k})$")
+      if not ok(value):
+        raise bad(f"{field}[{key!r}]={value!r}", f"each value must be a {kind}.")
+  if not isinstance(cfg.get("use_rslora", False), bool):
+    raise bad(f"use_rslora={cfg['use_rslora']!r}", "it must be true or false.")
+  if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
+    raise bad(f"bias={cfg['bias']!r}", "PEFT takes 'none', 'all' or 'lora_only'.")
+  _check_names(cfg, cfg_path, "target_modules", regex_ok=True)
+  _check_names(cfg, cfg_path, "exclude_modules", regex_ok=True)
+  _check_names(cfg, cfg_path, "modules_to_save", regex_ok=False,
+               wrap=lambda m: rf"(^|.*\.){m}($|\..*)")
+  _check_names(cfg, cfg_path, "layers_pattern", regex_ok=True,
+               wrap=lambda p: rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
+  layers = cfg.get("layers_to_transform")
+  if not (layers is None or _is_int(layers) or (
+      isinstance(layers, list) and all(_is_int(x) for x in layers))):
+    raise bad(f"layers_to_transform={layers!r}", "it must be an int or a list of ints.")
+  # PEFT's LoraConfig refuses these combinations.
+  for field in ("layers_to_transform", "layers_pattern"):
+    if isinstance(cfg.get("target_modules"), str) and cfg.get(field) is not None:
+      raise bad(f"{field}={cfg[field]!r} with the regex target_modules="
+                f"{cfg['target_modules']!r}",
+                f"PEFT refuses {field} unless target_modules is a list of names.")
+  if cfg.get("layers_pattern") and layers is None:
+    raise bad(f"layers_pattern={cfg['layers_pattern']!r} and no layers_to_transform",
+              "PEFT refuses a layers_pattern without layers_to_transform.")
+
+
+def _read_config(directory: str) -> tuple[dict, str]:
   cfg_path = os.path.join(directory, CONFIG_NAME)
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(
@@ -310,15 +491,11 @@ def _read_config(directory: str) -> dict:
   if cfg.get("peft_type", "LORA") != "LORA":
     raise ValueError(f"jlora.import_peft: {cfg_path!r} is a {cfg.get('peft_type')} adapter; "
                      f"only PEFT LoRA adapters (peft_type LORA) map to jlora.LoRA leaves.")
-  for flag, why in (("use_dora", "DoRA's magnitude vector"), ("lora_bias", "LoRA biases"),
-                    ("fan_in_fan_out", "fan_in_fan_out (Conv1D) weights")):
-    if cfg.get(flag):
-      raise ValueError(f"jlora.import_peft: {cfg_path!r} sets {flag}=true; jlora.LoRA has no "
-                       f"{why}. Export the adapter without it.")
-  return cfg
+  _check_config(cfg, cfg_path)
+  return cfg, cfg_path
 
 
-def _read_tensors(directory: str) -> dict[str, np.ndarray]:
+def _read_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
   w_path = os.path.join(directory, WEIGHTS_NAME)
   if not os.path.isfile(w_path):
     legacy = os.path.join(directory, "adapter_model.bin")
@@ -329,22 +506,133 @@ def _read_tensors(directory: str) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   try:
-    return load_file(w_path)
+    return load_file(w_path), w_path
   except (SafetensorError, OSError, ValueError, TypeError) as e:
     raise ValueError(f"jlora.import_peft: {w_path!r} is not a readable safetensors file ({e}); "
                      f"the file is corrupt or truncated. Save the adapter again.") from e
 
 
+def _tensor_kind(key: str) -> str:
+  if key.endswith(".bias"):
+    return "a bias (PEFT's bias='all'/'lora_only', or lora_bias)"
+  if "lora_magnitude_vector" in key:
+    return "DoRA's magnitude vector"
+  if "lora_embedding_" in key:
+    return "a LoRA factor of an embedding layer"
+  if "trainable_tokens" in key:
+    return "trainable tokens"
+  if not key.startswith(_PREFIX):
+    return f"a tensor without PEFT's {_PREFIX!r} prefix"
+  return "a whole weight (PEFT's modules_to_save) or another kind of tensor"
+
+
+def _split_keys(raw: dict[str, np.ndarray], adapter_name: str | None, w_path: str):
+  """{module: {'A': lora_A, 'B': lora_B}} of one adapter of the file.
+
+  PEFT writes keys without an adapter name (`<module>.lora_A.weight`); a state dict taken from a
+  live model has one (`<module>.lora_A.<name>.weight`). A file of several adapters needs
+  `adapter_name` to pick one.
+  """
+  if adapter_name is not None and not isinstance(adapter_name, str):
+    raise TypeError(f"jlora.import_peft: adapter_name must be a str or None (the <name> in keys "
+                    f"'<module>.lora_A.<name>.weight'); got {adapter_name!r}.")
+  found: dict[str | None, dict] = collections.defaultdict(
+      lambda: collections.defaultdict(dict))
+  for k, v in raw.items():
+    m = _KEY_RE.match(k)
+    if m is None:
+      raise ValueError(
+          f"jlora.import_peft: the adapter holds the tensor {k!r}, which is not a "
+          f"'{_PREFIX}<module>.lora_A/lora_B.weight' factor but {_tensor_kind(k)}; a jlora.LoRA "
+          f"leaf has no place for it, and leaving it out would change the weights. "
+          f"{_MERGE_FIX}, or save the adapter without it.")
+    found[m["name"]][m["module"]][m["half"]] = v
+  listing = ", ".join("(no name)" if n is None else repr(n)
+                      for n in sorted(found, key=lambda n: (n is not None, n or "")))
+  if adapter_name is None:
+    if len(found) > 1:
+      pick = next((n for n in sorted(found, key=str) if n is not None), None)
+      raise ValueError(
+          f"jlora.import_peft: {w_path!r} holds the tensors of several adapters ({listing}: "
+          f"the <name> in keys '<module>.lora_A.<name>.weight'); jlora reads one. Pick it, "
+          f"e.g. import_peft(..., adapter_name={pick!r}).")
+    chosen = next(iter(found), None)
+  elif adapter_name in found:
+    chosen = adapter_name
+  elif list(found) == [None]:
+    chosen = None  # PEFT's own format: one adapter, loaded under any name
+  else:
+    raise ValueError(
+        f"jlora.import_peft: {w_path!r} holds no tensor of adapter {adapter_name!r} (keys "
+        f"'<module>.lora_A.{adapter_name}.weight'); it holds {listing}. Pass one of those, or "
+        f"adapter_name=None for a file of one adapter.")
+  halves = dict(found.get(chosen, {}))
+  for module, h in halves.items():
+    if set(h) != {"A", "B"}:
+      missing = "lora_B" if "A" in h else "lora_A"
+      raise ValueError(f"jlora.import_peft: the adapter has no {missing} for {module!r}; the "
+                       f"file is incomplete. Save the adapter again.")
+  return halves
+
+
 def _pattern(pattern: dict | None, module: str, default):
   """PEFT's rank/alpha pattern rule: a key matches a module name ending in it."""
+  return _pattern_key(pattern, module, default)[0]
+
+
+def _pattern_key(pattern: dict | None, module: str, default):
+  """(value, key) of the first key of `pattern` matching `module` (peft's get_pattern_key);
+  (default, None) if none does."""
   for key, value in (pattern or {}).items():
     if re.match(rf"(.*\.)?({key})$", module):
-      return value
-  return default
+      return value, key
+  return default, None
+
+
+def _deselected_by(cfg: dict, module: str) -> str | None:
+  """The config field that keeps PEFT from putting a LoRA layer on `module`, or None.
+
+  Follows peft.tuners.tuners_utils.check_target_module_exists (peft 0.21). Where
+  target_modules is missing PEFT takes its default for the model type, which a config does
+  not name: every module counts as selected then. 'all-linear' selects every module except
+  `lm_head`, the usual output layer.
+  """
+  ex = cfg.get("exclude_modules")
+  if ex and (re.fullmatch(ex, module) if isinstance(ex, str) else
+             module in ex or any(module.endswith(f".{e}") for e in ex)):
+    return "exclude_modules"
+  if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in cfg.get("modules_to_save") or ()):
+    return "modules_to_save"
+  target = cfg.get("target_modules")
+  if isinstance(target, str) and target.lower() != "all-linear":
+    return None if re.fullmatch(target, module) else "target_modules"
+  if isinstance(target, str):  # PEFT expands it to a list of Linear layers, the output one out
+    if module.split(".")[-1] == "lm_head":
+      return "target_modules"
+  elif target is not None:
+    if module in target:
+      return None
+    if not any(module.endswith(f".{t}") for t in target):
+      return "target_modules"
+  layers = cfg.get("layers_to_transform")
+  if layers is None or layers == []:
+    return None
+  pats = cfg.get("layers_pattern")
+  if not pats:
+    m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+  else:
+    for p in [pats] if isinstance(pats, str) else pats:
+      m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)
+      if m is not None:
+        break
+  if m is None:
+    return "layers_to_transform"
+  idx = int(m["idx"])
+  return None if (idx == layers if _is_int(layers) else idx in layers) else "layers_to_transform"
 
 
 def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | KeyMap = "llama",
-                dtype: Any = jnp.float32) -> Any:
+                dtype: Any = jnp.float32, adapter_name: str | None = None) -> Any:
   """Reads a PEFT LoRA adapter into a jlora tree built on `params`.
 
   Each module of the adapter is found in `params` through the key map; the
@@ -353,22 +641,39 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
   `use_rslora`. A stacked kernel gathers the modules of all its slices; slices
   the adapter does not cover (PEFT's `layers_to_transform`) get zero adapters.
 
+  The adapter either imports to the weights PEFT loads it to, or is refused:
+  the config's rank (`r`, `rank_pattern`) must be the tensors', alphas finite
+  numbers, every module with tensors one that the config selects
+  (`target_modules`, `exclude_modules`, `layers_to_transform`,
+  `modules_to_save`, as PEFT reads them), and the config may not ask for what a
+  `jlora.LoRA` leaf does not compute: an `init_lora_weights` that changes the
+  base weights (`"pissa"`, `"olora"`, `"corda"`, `"lora_ga"`: convert the
+  adapter to plain LoRA with PEFT's `save_pretrained(...,
+  path_initial_model_for_weight_conversion=...)` first; `"loftq"`), DoRA, LoRA
+  biases, trainable tokens, Activated LoRA and the like, or an option jlora
+  does not know.
+
   Args:
     directory: a directory with `adapter_config.json` and
       `adapter_model.safetensors` (from `PeftModel.save_pretrained`).
     params: the base parameter tree (plain arrays, concrete or abstract).
     key_map: `"llama"` (`llama_key_map`) or a callable, see the module doc.
     dtype: the adapters' dtype (default float32, as `jlora.apply`).
+    adapter_name: for a file whose keys name their adapter
+      (`<module>.lora_A.<name>.weight`, as a live model's state dict does) and
+      hold several: the one to read. Default: the file must hold one adapter.
 
   Returns:
     `params` with a `LoRA` leaf at every adapted kernel.
 
   Raises:
     FileNotFoundError: a missing file.
-    ValueError: corrupt files; a non-LoRA, DoRA or bias-carrying adapter; a
-      tensor key that is not `lora_A`/`lora_B`; a module no leaf of `params`
-      maps to; shapes that do not fit the kernel; ranks or alphas that differ
-      between the slices of one stacked kernel; `params` already holding LoRA.
+    ValueError: corrupt files; a config as above; a tensor key that is not
+      `lora_A`/`lora_B`; several adapters and no `adapter_name`; a module no
+      leaf of `params` maps to, or two leaves do; shapes that do not fit the
+      kernel; ranks or alphas that differ between the slices of one stacked
+      kernel; `params` already holding LoRA.
+    TypeError: `adapter_name` is not a str.
 
   Example:
     >>> import os, tempfile, jax, jax.numpy as jnp, jlora
@@ -383,25 +688,20 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
   directory = os.fspath(os.path.abspath(directory))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"jlora.import_peft: no adapter directory at {directory!r}.")
-  cfg = _read_config(directory)
-  raw = _read_tensors(directory)
-  halves: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-  for k, v in raw.items():
-    m = _KEY_RE.match(k)
-    if m is None:
+  cfg, cfg_path = _read_config(directory)
+  raw, w_path = _read_tensors(directory)
+  halves = _split_keys(raw, adapter_name, w_path)
+  for module in halves:
+    field = _deselected_by(cfg, module)
+    if field is not None:
       raise ValueError(
-          f"jlora.import_peft: the adapter holds the tensor {k!r}, which is not a "
-          f"'base_model.model.<module>.lora_A/lora_B.weight' factor (modules_to_save, "
-          f"trainable tokens and biases are not supported). Save the adapter without it.")
-    halves[m["module"]][m["half"]] = v
-  for module, h in halves.items():
-    if set(h) != {"A", "B"}:
-      missing = "lora_B" if "A" in h else "lora_A"
-      raise ValueError(f"jlora.import_peft: the adapter has no {missing} for {module!r}; the "
-                       f"file is incomplete. Save the adapter again.")
+          f"jlora.import_peft: the adapter holds lora_A/lora_B for {module!r}, a module its "
+          f"config does not select ({field}={cfg.get(field)!r} in {cfg_path!r}); PEFT puts no "
+          f"LoRA layer there and drops these tensors without a word, so its weights would "
+          f"differ from jlora's. Fix {field} in the config, or remove the module's tensors.")
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
-  owner: dict[str, tuple[int, tuple[int, ...]]] = {}
+  owner: dict[str, list[tuple[int, tuple[int, ...]]]] = collections.defaultdict(list)
   for i, (path, x) in enumerate(flat):
     ps = P.path_str(path)
     named = _lookup(key_map, ps, "import_peft")
@@ -414,7 +714,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
     n = name.count("{}")
     if name.endswith(".weight"):
       for idx in np.ndindex(*x.shape[:n]):
-        owner[name.format(*idx)[:-len(".weight")]] = (i, idx)
+        owner[name.format(*idx)[:-len(".weight")]].append((i, idx))
   unknown = sorted(set(halves) - set(owner))
   if unknown:
     near = P.nearest(sorted(owner), unknown[0], 3)
@@ -425,7 +725,12 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
 
   by_leaf: dict[int, dict[tuple[int, ...], str]] = collections.defaultdict(dict)
   for module in halves:
-    i, idx = owner[module]
+    if len(owner[module]) > 1:
+      both = [P.path_str(flat[i][0]) for i, _ in owner[module][:2]]
+      raise ValueError(
+          f"jlora.import_peft: key_map maps both {both[0]!r} and {both[1]!r} to {module!r}, "
+          f"which the adapter adapts; one Hugging Face module needs one leaf. Fix the key_map.")
+    i, idx = owner[module][0]
     by_leaf[i][idx] = module
   rslora = bool(cfg.get("use_rslora", False))
   out = [x for _, x in flat]
@@ -444,13 +749,23 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
     ranks, alphas = {}, {}
     for idx, module in slices.items():
       A, B = halves[module]["A"], halves[module]["B"]
-      r = A.shape[0]
-      if A.ndim != 2 or B.ndim != 2 or A.shape[1] != kshape[0] or B.shape != (kshape[1], r):
+      if (A.ndim != 2 or B.ndim != 2 or A.shape[1] != kshape[0]
+          or B.shape != (kshape[1], A.shape[0])):
         raise ValueError(
             f"jlora.import_peft: {module!r} has lora_A {tuple(A.shape)} and lora_B "
             f"{tuple(B.shape)}, which do not fit the kernel {kshape} (in, out) at {ps!r}: "
             f"expected (r, {kshape[0]}) and ({kshape[1]}, r). Pass the params of the adapter's "
             f"base model.")
+      r = A.shape[0]
+      want, key = _pattern_key(cfg.get("rank_pattern"), module, cfg.get("r", 8))
+      if r != want:
+        why = (f"rank_pattern[{key!r}]" if key is not None else "r" if "r" in cfg else
+               "r, PEFT's default")
+        raise ValueError(
+            f"jlora.import_peft: {cfg_path!r} gives rank {want} for {module!r} ({why}), but its "
+            f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} have rank {r}; PEFT refuses "
+            f"this adapter (a size mismatch). If the tensors are right, set "
+            f"{'that rank_pattern entry' if key is not None else 'r'} to {r} in the config.")
       ranks[idx] = r
       alphas[idx] = float(_pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)))
     for what, vals in (("rank", ranks), ("lora_alpha", alphas)):
