@@ -33,7 +33,7 @@ Minimal install without TensorFlow (keras-hub's declared requirements pull in
 tensorflow-text, which building and training models on the JAX backend never
 uses; Gemma's SentencePiece tokenizer does need it)::
 
-    pip install "keras>=3.15" regex tokenizers
+    pip install "keras>=3.13.2" regex tokenizers
     pip install --no-deps "keras-hub>=0.32"   # or keras-nlp, the same package's old name
     pip install kagglehub                     # only for from_preset downloads
 """
@@ -52,7 +52,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 __all__ = ["apply_fn", "keras_variables", "params", "write_back"]
 
-INSTALL = ('pip install "keras>=3.15" regex tokenizers && '
+INSTALL = ('pip install "keras>=3.13.2" regex tokenizers && '
            'pip install --no-deps "keras-hub>=0.32"')
 MODES = ("auto", "lora", "merge")
 

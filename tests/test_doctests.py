@@ -1,8 +1,8 @@
 """Runs the docstring examples of jlora's core modules as tests.
 
 The modules are listed explicitly (a module that fails to import fails the
-test; nothing is skipped). Modules with optional dependencies (jlora.keras,
-jlora.models) are not listed.
+test; nothing is skipped). Modules that import Keras or Flax (jlora.keras,
+jlora.models.llama, jlora.models.bert) run their examples in their own test files.
 """
 
 import doctest
@@ -21,6 +21,7 @@ MODULES = [
     "jlora._src.sharding",
     "jlora._src.checkpoint",
     "jlora._src.peft",
+    "jlora.models.gemma",
 ]
 
 

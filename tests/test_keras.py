@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import jlora  # noqa: E402
 import jlora.keras as jk  # noqa: E402
 from jlora.models import gemma  # noqa: E402
-from tests.helpers import Background  # noqa: E402
+
 
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
@@ -232,16 +232,3 @@ def test_errors_name_the_fix():
     jk.apply_fn(None, mode="typo")
   with pytest.raises(ValueError, match="is not built"):
     jk.params(keras.layers.Dense(3))
-
-
-# Two host devices, so the notebook's mesh really shards the batch and the weights.
-NOTEBOOK = Background.notebook("gemma_lora.ipynb", timeout=300, KAGGLE_USERNAME=None,
-                               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-
-
-@pytest.mark.background(NOTEBOOK)
-def test_colab_notebook_small_configuration():
-  text = NOTEBOOK.output()  # run in a fresh kernel, beside the tests before this one
-  assert "Trainable params: 2,928,640" in text
-  assert "Mesh('data': 2" in text
-  assert "Keras trainable params after write-back" in text

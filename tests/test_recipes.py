@@ -59,17 +59,6 @@ def test_tweets_lora_beats_frozen_encoder():
   assert r["baseline_accuracy"] > 0.7  # the frozen encoder is already a decent baseline
 
 
-NOTEBOOK = Background.notebook("shakespeare_lora.ipynb", timeout=600, JLORA_NB_SMALL="1")
-
-
-@pytest.mark.background(NOTEBOOK)
-def test_colab_notebook_short_configuration():
-  text = NOTEBOOK.output()  # run in a fresh kernel, beside the tests before this one
-  assert "Paris" in text
-  assert "Trainable params: 460,800" in text
-  assert "restored logits identical: True; frozen weights unchanged: True" in text
-
-
 def test_factored_and_merged_forward_agree():
   from jlora.models import llama
   cfg = llama.LlamaConfig.tiny()

@@ -38,6 +38,10 @@ __all__ = [
     "GemmaConfig",
     "abstract_params",
     "config",
+    "encode",
+    "greedy",
+    "lm_loss",
+    "remat_scope",
     "small_config",
 ]
 
@@ -265,3 +269,137 @@ def abstract_params(preset: str | GemmaConfig, *, dtype: Any = None) -> dict[str
     shapes[f"{b}/ffw_linear/kernel"] = (f, d)
   shapes["final_normalization/scale"] = (d,)
   return {path: jax.ShapeDtypeStruct(s, dt) for path, s in shapes.items()}
+
+
+# --------------------------------------------------------------------------- training on one chip
+#
+# What the Gemma notebook trains with, so that its 16 GB fit is measured on the same code
+# (benchmarks/gemma2_16gb.py): per-block remat, a loss that never holds float32 logits over the
+# whole 256k vocabulary, and Gemma's SentencePiece tokenizer through `sentencepiece` alone (keras-hub's
+# own GemmaTokenizer needs tensorflow-text, which the Colab TPU runtime does not have).
+
+
+def remat_scope(cfg: GemmaConfig):
+  """A `keras.RematScope` that rematerializes each decoder block (build the backbone inside it).
+
+  The backward pass then keeps one `(batch, seq, hidden)` activation per block and recomputes
+  the rest of the block: the memory of 26 blocks' attention and feed-forward intermediates
+  is what does not fit 16 GB.
+  """
+  import keras
+  return keras.RematScope(mode="list_of_layers",
+                          layer_names=[f"decoder_block_{i}" for i in range(cfg.num_layers)])
+
+
+def lm_loss(hidden, embeddings, labels, weights, *, soft_cap: float | None, chunk: int = 512):
+  """Mean next-token cross-entropy of a tied-embedding LM head, `chunk` tokens at a time.
+
+  `logits = soft_cap·tanh(hidden·Eᵀ / soft_cap)` (Gemma 2's final soft cap; none when
+  `soft_cap` is None) are formed in float32 for `chunk` tokens at once and recomputed in the
+  backward pass (`jax.checkpoint`), so the step holds `chunk × vocabulary` float32 values,
+  never `batch·seq × vocabulary` (8.4 GB for 8k tokens of Gemma's 256k vocabulary).
+
+  Args:
+    hidden: the backbone's output, `(batch, seq, hidden_dim)`.
+    embeddings: the tied embedding table, `(vocabulary, hidden_dim)`.
+    labels: the next tokens, `(batch, seq)` ints.
+    weights: per-token loss weights, `(batch, seq)` (0 on padding).
+    soft_cap: the final logit soft cap (`cfg.final_logit_soft_cap`).
+    chunk: tokens per chunk.
+
+  Returns:
+    `sum(weights · ce) / sum(weights)`, a float32 scalar.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> h, e = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32), jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
+    >>> y, w = jnp.asarray(rng.integers(0, 11, (2, 5))), jnp.ones((2, 5))
+    >>> full = jax.nn.log_softmax(30 * jnp.tanh(h @ e.T / 30))
+    >>> ref = -jnp.take_along_axis(full, y[..., None], -1).mean()
+    >>> bool(jnp.allclose(lm_loss(h, e, y, w, soft_cap=30.0, chunk=4), ref, atol=1e-5))
+    True
+  """
+  import jax
+  import jax.numpy as jnp
+
+  d = hidden.shape[-1]
+  h = hidden.reshape(-1, d)
+  y = labels.reshape(-1).astype(jnp.int32)
+  w = weights.reshape(-1).astype(jnp.float32)
+  n = h.shape[0]
+  chunk = max(1, min(chunk, n))
+  pad = -n % chunk
+  if pad:
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    y, w = jnp.pad(y, (0, pad)), jnp.pad(w, (0, pad))
+  h, y, w = (v.reshape(-1, chunk, *v.shape[1:]) for v in (h, y, w))
+
+  @jax.checkpoint
+  def one(hc, yc, wc):
+    z = jnp.einsum("cd,vd->cv", hc, embeddings.astype(hc.dtype),
+                   preferred_element_type=jnp.float32)
+    if soft_cap:
+      z = soft_cap * jnp.tanh(z / soft_cap)
+    ce = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, yc[:, None], -1)[:, 0]
+    return jnp.sum(ce * wc)
+
+  def body(total, xs):
+    return total + one(*xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, w))
+  return total / jnp.maximum(w.sum(), 1.0)
+
+
+def encode(sp, texts, seq_len: int):
+  """Gemma's causal-LM batch from raw text, with a `sentencepiece.SentencePieceProcessor`.
+
+  As keras-hub's `GemmaCausalLMPreprocessor` lays it out: `<bos>` (id 2), the pieces, `<eos>`
+  (id 1), right-padded with 0 (`<pad>`) to `seq_len + 1`, truncated there; inputs are the first
+  `seq_len` ids, labels the next ones, weights 1 where the label is not padding.
+
+  Returns:
+    `({"token_ids": (b, seq_len), "padding_mask": (b, seq_len)}, labels, weights)` as numpy.
+  """
+  import numpy as np
+
+  ids = np.zeros((len(texts), seq_len + 1), np.int32)
+  for i, t in enumerate(texts):
+    row = ([2] + list(sp.encode(t)) + [1])[:seq_len + 1]
+    ids[i, :len(row)] = row
+  x = {"token_ids": ids[:, :-1], "padding_mask": (ids[:, :-1] != 0).astype(np.int32)}
+  return x, ids[:, 1:], (ids[:, 1:] != 0).astype(np.float32)
+
+
+def greedy(forward, tree, embeddings, prompt_ids, *, max_new_tokens: int, soft_cap, eos_id=1):
+  """Greedy continuation of one prompt with a backbone `forward(tree, inputs) -> hidden`.
+
+  The sequence lives in a fixed-length buffer (prompt + `max_new_tokens`), so the jitted
+  forward compiles once; each step runs the whole buffer (no key/value cache: a demo, not a
+  server). Stops at `eos_id`. Returns the new ids.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  n = len(prompt_ids)
+  buf = np.zeros((1, n + max_new_tokens), np.int32)
+  buf[0, :n] = prompt_ids
+
+  @jax.jit
+  def next_id(tree, ids, pos):
+    hidden = forward(tree, {"token_ids": ids, "padding_mask": (ids != 0).astype(jnp.int32)})
+    h = jax.lax.dynamic_index_in_dim(hidden[0], pos, keepdims=False)
+    z = jnp.dot(h, embeddings.T.astype(h.dtype), preferred_element_type=jnp.float32)
+    if soft_cap:
+      z = soft_cap * jnp.tanh(z / soft_cap)
+    return jnp.argmax(z)
+
+  out = []
+  for pos in range(n - 1, n + max_new_tokens - 1):
+    t = int(next_id(tree, jnp.asarray(buf), pos))
+    if t == eos_id:
+      break
+    buf[0, pos + 1] = t
+    out.append(t)
+  return out
