@@ -34,8 +34,8 @@ PARAMS = {"block": {"q_proj": {"kernel": rand((8, 12), 1)}, "v_proj": {"kernel":
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
 def test_alpha_not_finite(alpha):
-  with pytest.raises(ValueError, match=r"jlora.apply: alpha (nan|inf|-inf) for 'block/q_proj/kernel'"
-                                       r" is not finite.* alpha=None"):
+  with pytest.raises(ValueError, match=r"jlora.apply: alpha (nan|inf|-inf) for 'block/q_proj/"
+                                       r"kernel' is not finite.* alpha=None"):
     jlora.apply(PARAMS, rank=2, alpha=alpha)
 
 
@@ -54,7 +54,8 @@ def test_alpha_zero_cannot_train(alpha):
 
 @pytest.mark.parametrize("alpha", [True, "4", 1 + 2j, [4.0]])
 def test_alpha_not_a_number(alpha):
-  with pytest.raises(TypeError, match=r"alpha for 'block/q_proj/kernel' must be a real number, got"):
+  with pytest.raises(TypeError, match=r"alpha for 'block/q_proj/kernel' must be a real number, "
+                                      r"got"):
     jlora.apply(PARAMS, rank=2, alpha=alpha)
 
 
@@ -82,7 +83,8 @@ def test_rank_numpy_integers(rank):
   t = jlora.apply(PARAMS, rank=rank)
   leaf = t["block"]["q_proj"]["kernel"]
   assert type(leaf.rank) is int and leaf.rank == 2 and leaf.a.shape == (8, 2)
-  assert jlora.apply(PARAMS, rank={"q_": np.int64(3), ".*": 2})["block"]["q_proj"]["kernel"].rank == 3
+  leaf = jlora.apply(PARAMS, rank={"q_": np.int64(3), ".*": 2})["block"]["q_proj"]["kernel"]
+  assert leaf.rank == 3
 
 
 @pytest.mark.parametrize("rank", [np.True_, np.float64(2.0)])
@@ -297,7 +299,7 @@ def test_trainable_complex_and_python_float_leaves():
   assert _trainable_paths(lp) == ["phase", "temp"]
 
 
-# regular expressions in every argument -------------------------------------------------------------
+# regular expressions in every argument -----------------------------------------------------------
 
 @pytest.mark.parametrize("arg", ["rank", "alpha", "layout", "in_axes", "stacked"])
 def test_invalid_regex_in_a_mapping(arg):

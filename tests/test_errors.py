@@ -168,6 +168,32 @@ def test_combine_different_metadata():
     jlora.combine(t, f)
 
 
+def test_combine_different_metadata_names_the_path_and_both_values():
+  t, _ = jlora.split(jlora.apply(PARAMS, rank=2, targets="_proj"))
+  _, f = jlora.split(jlora.apply(PARAMS, rank=2, targets="_proj", alpha={"q_": 4.0, ".*": 2.0}))
+  with pytest.raises(ValueError, match=r"at 'block/q_proj/kernel': alpha 2.0 in trainable, 4.0 in "
+                                       r"frozen\)\. Pass the two halves of one jlora.split"):
+    jlora.combine(t, f)
+  _, f = jlora.split(jlora.apply(PARAMS, rank=2, targets="_proj", rslora=True))
+  with pytest.raises(ValueError, match=r"at 'block/k_proj/kernel': rslora False in trainable, True "
+                                       r"in frozen"):
+    jlora.combine(t, f)
+  with pytest.raises(ValueError, match=r"at 'block/ids': a jlora.Trainable in trainable, a plain "
+                                       r"leaf in frozen"):
+    jlora.combine({**t, "block": {**t["block"], "ids": jlora.Trainable(None)}},
+                  {**f, "block": {**f["block"], "ids": None}})
+
+
+def test_combine_nan_alpha_says_why():
+  # A NaN alpha (a LoRA leaf built by hand, or an old checkpoint) is never equal to itself.
+  leaf = jlora.apply({"q_proj": _rand((8, 12))}, rank=2)["q_proj"]
+  t = {"q_proj": jlora.LoRA(None, leaf.a, leaf.b, float("nan"), leaf.a_axes)}
+  f = {"q_proj": jlora.LoRA(leaf.w, None, None, float("nan"), leaf.a_axes)}
+  with pytest.raises(ValueError, match=r"at 'q_proj': alpha nan in both halves, and nan is never "
+                                       r"equal to itself.* finite alpha"):
+    jlora.combine(t, f)
+
+
 def test_combine_both_halves_hold_a_value():
   t, _ = jlora.split(jlora.apply(PARAMS, rank=2))
   with pytest.raises(ValueError, match=r"both halves hold a value at 'block/q_proj/kernel/a'"):

@@ -121,8 +121,7 @@ def apply(
   leaves = [(P.path_str(path), leaf) for path, leaf in flat]
   # Patterns that select nothing are typos: say so before anything else is checked.
   if stacked is not None and not any(stack.matches(ps) for ps, _ in leaves):
-    _raise_no_match("stacked", stacked, stack.sel.hint if stack.sel else next(iter(stacked), None),
-                    [ps for ps, _ in leaves],
+    _raise_no_match("stacked", stacked, stack.hint, [ps for ps, _ in leaves],
                     "the '/'-joined key paths of the leaves with leading stack axes (layers "
                     "stacked for lax.scan), e.g. stacked=r'^layers/'")
   train_flags = [trainable_sel(ps, leaf) for ps, leaf in leaves]
@@ -275,6 +274,12 @@ class _Stack:
       self.sel, self.counts = None, P.PerTarget(stacked, "stacked")
     else:
       self.sel, self.counts = P.compile_pattern(stacked, "stacked"), None
+
+  @property
+  def hint(self) -> str | None:
+    if self.counts is None:
+      return self.sel.hint
+    return self.counts.rules[0][0].pattern if self.counts.rules else None
 
   def matches(self, ps) -> bool:
     return self.counts.matches_any(ps) if self.counts is not None else self.sel(ps)

@@ -64,10 +64,10 @@ def combine(trainable: Any, frozen: Any) -> Any:
   t_def = jax.tree_util.tree_structure(trainable, is_leaf=lambda x: x is None)
   f_def = jax.tree_util.tree_structure(frozen, is_leaf=lambda x: x is None)
   if t_def != f_def:
+    what, fix = _first_difference(trainable, frozen)
     raise ValueError(
-        "jlora.combine: the trainable and frozen trees do not have the same structure "
-        f"({_first_difference(trainable, frozen)}). Pass the two halves of one "
-        "jlora.split(tree), or trees built from them with the same structure.")
+        f"jlora.combine: the trainable and frozen trees do not have the same structure "
+        f"({what}). {fix}")
 
   def pick(path, t, f):
     if t is None:
@@ -81,17 +81,44 @@ def combine(trainable: Any, frozen: Any) -> Any:
                                           is_leaf=lambda x: x is None)
 
 
-def _first_difference(a, b) -> str:
-  fa = dict((P.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
-      a, is_leaf=lambda x: x is None)[0])
-  fb = dict((P.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
-      b, is_leaf=lambda x: x is None)[0])
+_SAME_TREE = ("Pass the two halves of one jlora.split(tree), or trees built from them with the "
+              "same structure.")
+
+
+def _kind(x) -> str:
+  if isinstance(x, LoRA):
+    return "a jlora.LoRA"
+  if isinstance(x, Trainable):
+    return "a jlora.Trainable"
+  return "a plain leaf"
+
+
+def _first_difference(a, b) -> tuple[str, str]:
+  """What differs first between the two halves (with its key path), and the fix."""
+  is_leaf = lambda x: x is None or is_node(x)
+  fa = {P.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(a, is_leaf=is_leaf)[0]}
+  fb = {P.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(b, is_leaf=is_leaf)[0]}
   only_a = sorted(set(fa) - set(fb))
   only_b = sorted(set(fb) - set(fa))
   if only_a or only_b:
-    return (f"paths only in trainable: {only_a[:5]}; only in frozen: {only_b[:5]}")
-  return ("same paths but different node types or static LoRA metadata (alpha, a_axes, "
-          "stack, rslora)")
+    return f"paths only in trainable: {only_a[:5]}; only in frozen: {only_b[:5]}", _SAME_TREE
+  head = ("same paths but different node types or static LoRA metadata (alpha, a_axes, stack, "
+          "rslora)")
+  for ps, x in fa.items():
+    y = fb[ps]
+    if _kind(x) != _kind(y):
+      return f"{head}: at {ps!r}: {_kind(x)} in trainable, {_kind(y)} in frozen", _SAME_TREE
+    if not isinstance(x, LoRA):
+      continue
+    for name in ("alpha", "a_axes", "stack", "rslora"):
+      u, v = getattr(x, name), getattr(y, name)
+      if isinstance(u, float) and isinstance(v, float) and math.isnan(u) and math.isnan(v):
+        return (f"{head}: at {ps!r}: alpha nan in both halves, and nan is never equal to itself",
+                "Rebuild the tree with a finite alpha: jlora.apply(jlora.base(tree), ..., "
+                "alpha=16.0) (jlora.apply refuses a nan alpha).")
+      if u != v:
+        return f"{head}: at {ps!r}: {name} {u!r} in trainable, {v!r} in frozen", _SAME_TREE
+  return head, _SAME_TREE
 
 
 def _merge_leaf(x):
