@@ -379,6 +379,43 @@ def test_split_half_and_no_lora_are_reported():
     jlora.lora(lambda x: x * 2)(jnp.ones(3))
 
 
+_USED_AS_ARRAY = {
+    "flax apply": lambda m, p, x: m.apply({"params": p}, x),
+    "jitted flax apply": lambda m, p, x: jax.jit(lambda p, x: m.apply({"params": p}, x))(p, x),
+    "jnp.asarray": lambda m, p, x: jnp.asarray(p["kernel"]),
+    "np.asarray": lambda m, p, x: np.asarray(p["kernel"]),
+    "matmul": lambda m, p, x: x @ p["kernel"],
+    "einsum": lambda m, p, x: jnp.einsum("bi,io->bo", x, p["kernel"]),
+}
+
+
+@pytest.mark.parametrize("use", list(_USED_AS_ARRAY))
+@pytest.mark.parametrize("kind", ["LoRA", "Trainable"])
+def test_a_jlora_tree_used_as_arrays_names_jlora_lora_and_merge(use, kind):
+  """A jlora tree passed to a function without jlora.lora: a TypeError naming the leaf and
+  both ways out (it was "float() argument must be ... not 'LoRA'")."""
+  m = nn.Dense(6)
+  x = jax.random.normal(jax.random.key(40), (3, 4))
+  p = m.init(KEY, x)["params"]
+  if kind == "LoRA":
+    t = randomize_b(jlora.apply(p, rank=2, targets="kernel"))
+  else:
+    t = {"kernel": jlora.Trainable(p["kernel"]), "bias": p["bias"]}
+  what = r"\(weight float32\[4, 6\], rank 2\)" if kind == "LoRA" else r"\(float32\[4, 6\]\)"
+  with pytest.raises(TypeError, match=rf"jlora.{kind}: a jlora.{kind} leaf {what} was used as "
+                                      r"an array.*jlora.lora\(fn\).*jlora.merge\(tree\)"):
+    _USED_AS_ARRAY[use](m, t, x)
+  # the ways out work on the same tree; the leaf still flattens, crosses jit and prints
+  want = m.apply({"params": jlora.merge(t)}, x)
+  if kind == "LoRA":
+    np.testing.assert_allclose(jlora.lora(_USED_AS_ARRAY["flax apply"])(m, t, x), want,
+                               rtol=1e-5, atol=1e-5)
+  else:
+    np.testing.assert_allclose(want, m.apply({"params": p}, x), rtol=1e-6)
+  assert len(jax.tree.leaves(jax.jit(lambda t: t)(t))) == len(jax.tree.leaves(t)) >= 2
+  assert repr(t["kernel"]).startswith(f"{kind}(")
+
+
 def test_trainable_leaves_pass_as_values():
   t = jlora.apply({"q_proj": jax.random.normal(KEY, (4, 6)), "head": jnp.arange(6.0)}, rank=2,
                   trainable="head")

@@ -93,10 +93,18 @@ class LoRA:
     return lora_delta(self.a, self.b, self.a_axes, self.stack, self.scale)
 
   def __repr__(self) -> str:  # compact: shapes, not values
-    def s(x):
-      return "None" if x is None else f"{getattr(x, 'dtype', '?')}{list(_shape(x))}"
-    return (f"LoRA(w={s(self.w)}, a={s(self.a)}, b={s(self.b)}, alpha={self.alpha}, "
+    return (f"LoRA(w={_desc(self.w)}, a={_desc(self.a)}, b={_desc(self.b)}, alpha={self.alpha}, "
             f"a_axes={self.a_axes}, stack={self.stack}, rslora={self.rslora})")
+
+  # A LoRA leaf is a pytree node, never an array: `jnp.asarray(leaf)`, `x @ leaf`, or a jlora
+  # tree passed to a function that is not wrapped in `jlora.lora` (a Flax `model.apply`) land
+  # here, through JAX's `__jax_array__` protocol or NumPy's `__array__` (both only ever called
+  # to convert the object to an array; pytree flattening, `jit` and tracing never call them).
+  def __jax_array__(self):
+    raise _used_as_array("LoRA", f"weight {_desc(self.w)}, rank {self.rank}")
+
+  def __array__(self, dtype=None, copy=None):
+    raise _used_as_array("LoRA", f"weight {_desc(self.w)}, rank {self.rank}")
 
 
 jax.tree_util.register_dataclass(LoRA)
@@ -111,6 +119,12 @@ class Trainable:
   def __repr__(self) -> str:
     v = self.value
     return f"Trainable({getattr(v, 'dtype', '?')}{list(_shape(v)) if v is not None else ''})"
+
+  def __jax_array__(self):  # as LoRA's
+    raise _used_as_array("Trainable", _desc(self.value))
+
+  def __array__(self, dtype=None, copy=None):
+    raise _used_as_array("Trainable", _desc(self.value))
 
 
 jax.tree_util.register_dataclass(Trainable)
@@ -127,6 +141,18 @@ def is_node(x: Any) -> bool:
 
 def _shape(x) -> tuple[int, ...]:
   return tuple(getattr(x, "shape", ()))
+
+
+def _desc(x) -> str:
+  return "None" if x is None else f"{getattr(x, 'dtype', '?')}{list(_shape(x))}"
+
+
+def _used_as_array(kind: str, what: str) -> TypeError:
+  return TypeError(
+      f"jlora.{kind}: a jlora.{kind} leaf ({what}) was used as an array: a jlora tree was "
+      f"passed to a function not wrapped in jlora.lora (such as a Flax model.apply), or to "
+      f"jnp.asarray. Run the function factored with jlora.lora(fn)(tree, ...), or "
+      f"materialize the weights with fn(jlora.merge(tree), ...).")
 
 
 def _kernel_shape(a_shape, b_shape, a_axes, stack):

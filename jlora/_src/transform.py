@@ -8,7 +8,11 @@ rewritten by rules:
 
 * `dot_general` (what Flax Dense/DenseGeneral/Einsum, `jnp.einsum` and Keras
   EinsumDense lower to), with any contracting and batch dimensions:
-  `x·W + s·((x·A)·B)`, in the leaf's own layout (per-head `a` included). The
+  `x·W + s·((x·A)·B)`, in the leaf's own layout (per-head `a` included), or
+  `x·W + s·((x·B)·A)` when `x` contracts the axes of `B` (`x @ w.T`, a tied LM
+  head's `nn.Embed.attend`, the backward pass of a `jax.grad` inside `fn`):
+  whichever rank-wide intermediate is smaller, so none has more than
+  `r·max(|x|, |W|, |y|)` elements. The
   adapters are cast to the weight's compute dtype (a bf16 model with float32
   adapters computes the adapter branch in bf16, as it computes `x·W`). On GPUs,
   a plain 2-D kernel with `N >= 2·K` (a feed-forward up-projection) runs as one
@@ -22,7 +26,7 @@ rewritten by rules:
 * weight-only ops keep the factoring: `convert_element_type`, `transpose`,
   axis-regrouping `reshape`/`squeeze`, `sharding_constraint`, `copy`, and
   slicing along stack axes (`slice`, `dynamic_slice`).
-* the rank-wide adapter activation `x·A` (and `conv(x, A)`) is named
+* the rank-wide adapter activation `x·A` (or `x·B`, and `conv(x, A)`) is named
   `"jlora_xa"` (`jax.ad_checkpoint.checkpoint_name`), so a remat policy such as
   `jax.checkpoint_policies.save_only_these_names("jlora_xa", ...)` can keep it
   (r values per token) instead of recomputing it, and its input, in the
@@ -135,8 +139,9 @@ XA_NAME = "jlora_xa"
 def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   """Returns `fn` with `jlora.LoRA` leaves in its arguments run factored.
 
-  Matmuls with a LoRA weight compute `x·w + s·((x·a)·b)`, so the backward pass
-  never forms a full weight gradient; `jlora.Trainable` leaves are passed as
+  Matmuls with a LoRA weight compute `x·w + s·((x·a)·b)` (or `s·((x·b)·a)` when
+  `x` contracts `b`'s axes, as `x @ w.T` does), so the backward pass never forms
+  a full weight gradient; `jlora.Trainable` leaves are passed as
   their values. Works through `jax.jit`, `lax.scan` (leaves made with
   `stacked=` are sliced per layer), `jax.checkpoint`/`nn.remat`,
   `lax.cond`/`switch` and `lax.while_loop`; see the module docstring for the
