@@ -41,7 +41,9 @@ A Colab or Kaggle TPU v2/v3-8 is one host with 8 devices: a mesh such as
 
 from __future__ import annotations
 
+import difflib
 import functools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -54,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jlora._src import compat
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
-from jlora._src.optim import _require_trainable, optimizer, update
+from jlora._src.optim import optimizer, require_trainable, structure_difference, unalias, update
 from jlora._src.tree import combine, split
 
 ADAPTERS = ("derived", "replicated")
@@ -163,8 +165,9 @@ def adapter_specs(w_spec: Sequence[Any], a_axes: Sequence[int], stack: int, ndim
 
   Example:
     >>> from jax.sharding import PartitionSpec as P
-    >>> adapter_specs(P(None, "fsdp", "tensor"), a_axes=(0,), stack=1, ndim=3)
-    (P(None, 'fsdp'), P(None, None, 'tensor'))
+    >>> a, b = adapter_specs(P(None, "fsdp", "tensor"), a_axes=(0,), stack=1, ndim=3)
+    >>> a == P(None, "fsdp"), b == P(None, None, "tensor")
+    (True, True)
   """
   ws = _pad(w_spec, ndim)
   s, k = ws[:stack], ws[stack:]
@@ -207,6 +210,19 @@ class _Walker:
     self.rules, self.adapters = rules, adapters
     self.base = _base_lookup(base)
     self.mesh = None
+    self.seen: list[tuple[str, str | None, tuple[int, ...], PartitionSpec]] = []
+
+  def _record(self, ps, value, spec):
+    """Notes `(path, adapter name or None, shape, spec)` of each array laid out, for checks."""
+    if isinstance(value, LoRA) and isinstance(spec, LoRA):
+      for name in ("w", "a", "b"):
+        v, s = getattr(value, name), getattr(spec, name)
+        if isinstance(s, PartitionSpec) and hasattr(v, "shape"):
+          self.seen.append((f"{ps}/{name}", name if name != "w" else None, tuple(v.shape), s))
+    elif isinstance(value, Trainable) and isinstance(spec, Trainable):
+      self._record(ps, value.value, spec.value)
+    elif isinstance(spec, PartitionSpec) and hasattr(value, "shape"):
+      self.seen.append((ps, None, tuple(value.shape), spec))
 
   def _note_mesh(self, mesh):
     if self.mesh is None and isinstance(mesh, Mesh):
@@ -263,9 +279,13 @@ class _Walker:
     if x is None:
       return None
     if isinstance(x, LoRA):
-      return self.lora_spec(ps, x)
+      out = self.lora_spec(ps, x)
+      self._record(ps, x, out)
+      return out
     if isinstance(x, Trainable):
-      return Trainable(self.array_spec(ps, x.value))
+      out = Trainable(self.array_spec(ps, x.value))
+      self._record(ps, x, out)
+      return out
     if _is_box(x):
       value, spec, mesh = _box_value_and_spec(x, self.rules)
       if isinstance(value, LoRA):
@@ -274,12 +294,15 @@ class _Walker:
         out = Trainable(self.array_spec(ps, value.value, spec, mesh))
       else:
         out = self.array_spec(ps, value, spec, mesh)
+      self._record(ps, value, out)
       if isinstance(x, _nnx_var_type()):  # NNX keeps its variables in the tree (as nnx does)
         return x.replace(out)
       return out  # a Linen box is dropped (as nn.get_partition_spec does)
     if isinstance(x, (PartitionSpec, jax.sharding.Sharding)):
       return x
-    return self.array_spec(ps, x)
+    out = self.array_spec(ps, x)
+    self._record(ps, x, out)
+    return out
 
   def run(self, tree):
     return jax.tree_util.tree_map_with_path(self.node, tree, is_leaf=_is_stop)
@@ -323,8 +346,8 @@ def partition_specs(tree: Any, *, rules: Sequence[tuple[str, Any]] | None = None
     >>> t = jax.eval_shape(lambda p: jlora.apply(p, rank=4, stacked="layers"),
     ...                    {"layers": {"q_proj": w}})
     >>> s = jlora.partition_specs(t, base={"layers": {"q_proj": P(None, "fsdp", "tensor")}})
-    >>> s["layers"]["q_proj"].a, s["layers"]["q_proj"].b
-    (P(None, 'fsdp'), P(None, None, 'tensor'))
+    >>> tuple(s["layers"]["q_proj"].a), tuple(s["layers"]["q_proj"].b)
+    ((None, 'fsdp'), (None, None, 'tensor'))
   """
   return _Walker(rules, base, adapters).run(tree)
 
@@ -354,7 +377,9 @@ def shardings(tree: Any, mesh: Mesh | None = None, *,
   one set with `jax.set_mesh`.
 
   Raises:
-    ValueError: no mesh was given and none could be found.
+    ValueError: no mesh was given and none could be found; or a spec names an
+      axis the mesh lacks, or splits an axis into parts that do not divide its
+      size (the message names the path and the fix).
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -363,25 +388,71 @@ def shardings(tree: Any, mesh: Mesh | None = None, *,
     >>> w = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("fsdp", "tensor")))
     >>> t = jlora.apply({"q_proj": w}, rank=2)
     >>> sh = jlora.shardings(t)
-    >>> sh["q_proj"].a.spec, sh["q_proj"].b.spec == t["q_proj"].b.sharding.spec
-    (P('fsdp',), True)
+    >>> tuple(sh["q_proj"].a.spec), sh["q_proj"].b.spec == t["q_proj"].b.sharding.spec
+    (('fsdp',), True)
   """
+  return _shardings(tree, mesh, rules, base, adapters, "jlora.shardings")
+
+
+def _shardings(tree, mesh, rules, base, adapters, who: str):
   specs, m = _specs_and_mesh(
-      tree, mesh, rules, base, adapters, "jlora.shardings",
+      tree, mesh, rules, base, adapters, who,
       "Pass one, e.g. jlora.shardings(tree, jax.make_mesh((2, 4), ('data', 'fsdp'))), or call "
       "it inside `with jax.set_mesh(mesh):`.")
   return _to_named(specs, m)
 
 
 def _specs_and_mesh(tree, mesh, rules, base, adapters, who: str, fix: str):
-  """The tree's PartitionSpecs and the mesh they live on (given, or found in the tree)."""
+  """The tree's PartitionSpecs and the mesh they live on (given, or found in the tree),
+  checked to fit that mesh."""
   walker = _Walker(rules, base, adapters)
   specs = walker.run(tree)
   m = _find_mesh(walker, mesh)
   if m is None:
     raise ValueError(f"{who}: no mesh: the tree holds no array with a NamedSharding and no "
                      f"mesh is set. {fix}")
+  for ps, adapter, shape, spec in walker.seen:
+    _check_layout(ps, adapter, shape, spec, m, who)
   return specs, m
+
+
+def _spec_str(spec) -> str:
+  """`P('fsdp', None)`: a spec written the same way on every JAX release."""
+  return "P(" + ", ".join(map(repr, tuple(spec))) + ")"
+
+
+def _entry_names(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _check_layout(ps, adapter, shape, spec, mesh, who):
+  """Raises naming `ps` unless every axis `spec` names is in `mesh` and divides its size."""
+  sizes = dict(mesh.shape)
+  for i, entry in enumerate(tuple(spec)):
+    names = _entry_names(entry)
+    for name in names:
+      if name not in sizes:
+        close = difflib.get_close_matches(str(name), list(map(str, sizes)), n=1)
+        raise ValueError(
+            f"{who}: the spec {_spec_str(spec)} at {ps!r} names {name!r}, which is not an axis "
+            f"of the mesh {tuple(mesh.axis_names)}"
+            f"{f' (did you mean {close[0]!r}?)' if close else ''}. Name axes of the mesh (or "
+            f"None) in base=, rules= or the array's own sharding.")
+    n = math.prod(sizes[name] for name in names)
+    if i < len(shape) and shape[i] % n:
+      over = repr(names[0]) if len(names) == 1 else repr(names)
+      head = (f"{who}: the {'adapter' if adapter else 'array'} at {ps!r} (shape {shape}) cannot "
+              f"take {_spec_str(spec)}: it splits axis {i} (size {shape[i]}) over {over} ({n} "
+              f"devices), which does not divide it.")
+      if adapter:
+        w = ps.rsplit("/", 1)[0]
+        raise ValueError(
+            f"{head} The adapters follow their weight's spec (the weight at {w!r} has this "
+            f"axis too): give the weight a spec whose axes divide its sizes (base=, rules= or "
+            f"its sharding), or pass adapters='replicated' to replicate the adapters.")
+      raise ValueError(
+          f"{head} Give that axis mesh axes whose device count divides {shape[i]} (in base=, "
+          f"rules= or the array's own sharding), or leave it unsharded (None).")
 
 
 def _norm_path(path) -> tuple[str, ...]:
@@ -418,8 +489,8 @@ def state_shardings(state: Any, tree: Any, mesh: Mesh | None = None, *,
     >>> t = jlora.apply({"q_proj": w}, rank=2)
     >>> tx = jlora.optimizer(optax.adam(1e-3))
     >>> sh = jlora.state_shardings(jax.eval_shape(tx.init, t), t)
-    >>> sh.inner_states["train"].inner_state[0].mu["q_proj"].a.spec
-    P('fsdp',)
+    >>> tuple(sh.inner_states["train"].inner_state[0].mu["q_proj"].a.spec)
+    ('fsdp',)
   """
   specs, m = _specs_and_mesh(tree, mesh, rules, base, adapters, "jlora.state_shardings",
                              "Pass one: jlora.state_shardings(state, tree, mesh).")
@@ -472,8 +543,8 @@ def abstract(tree: Any, shardings: Any) -> Any:
     >>> mesh = jax.make_mesh((1,), ("fsdp",))
     >>> t = jlora.apply({"q_proj": jnp.ones((8, 16))}, rank=2)
     >>> target = jlora.abstract(t, jlora.shardings(t, mesh))
-    >>> target["q_proj"].a.shape, target["q_proj"].a.sharding.spec
-    ((8, 2), P())
+    >>> target["q_proj"].a.shape, tuple(target["q_proj"].a.sharding.spec)  # replicated
+    ((8, 2), ())
   """
   def f(x, s):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -502,8 +573,9 @@ def path_specs(tree: Any, rules: Sequence[tuple[str, Any]] | Mapping[str, Any]) 
     >>> from jax.sharding import PartitionSpec as P
     >>> params = {"layers": {"q_proj": {"kernel": jnp.ones((2, 8, 16))}},
     ...           "norm": {"scale": jnp.ones(8)}}
-    >>> path_specs(params, [(r"layers/.*kernel", P(None, "fsdp", "tensor"))])
-    {'layers': {'q_proj': {'kernel': P(None, 'fsdp', 'tensor')}}, 'norm': {'scale': P()}}
+    >>> specs = path_specs(params, [(r"layers/.*kernel", P(None, "fsdp", "tensor"))])
+    >>> tuple(specs["layers"]["q_proj"]["kernel"]), tuple(specs["norm"]["scale"])
+    ((None, 'fsdp', 'tensor'), ())
   """
   items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
   compiled = [(re.compile(p), s) for p, s in items]
@@ -577,12 +649,53 @@ def init_adapters_like(w, key, a_shape, b_shape, dtype, init, lim, a_axes, stack
 
 # --------------------------------------------------------------------------- train step
 
+DEFAULT_BATCH_AXES = ("data", "fsdp")
+_WHO = "jlora.sharded_train_step"
+
 
 def _batch_sharding(mesh, spec, x):
   if not hasattr(x, "shape"):
     return None
   s = tuple(spec)[:len(x.shape)]
   return NamedSharding(mesh, PartitionSpec(*s))
+
+
+def _batch_axes_of(batch_axes: Any, mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes a batch's leading axis is split over, checked against the mesh.
+
+  `None` or `()` replicate the batch on purpose; the default `("data", "fsdp")` keeps
+  those of the two the mesh has and needs one at least; any other name must be an axis
+  of the mesh. Never replicates the batch silently.
+  """
+  ax = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else \
+      tuple(batch_axes)
+  names = tuple(mesh.axis_names)
+  if len(set(ax)) != len(ax):
+    raise ValueError(f"{_WHO}: batch_axes={ax} names an axis twice; name each mesh axis once.")
+  if ax == DEFAULT_BATCH_AXES:
+    present = tuple(a for a in ax if a in names)
+    if not present:
+      raise ValueError(
+          f"{_WHO}: the mesh's axes {names} hold none of the default batch axes "
+          f"{DEFAULT_BATCH_AXES}, so every device would get the whole batch. Name the mesh axes "
+          f"to split the batch's leading axis over, e.g. batch_axes=({names[0]!r},), or pass "
+          f"batch_axes=() to give every device the whole batch on purpose (tensor parallelism "
+          f"alone).")
+    return present
+  for a in ax:
+    if a not in names:
+      close = difflib.get_close_matches(str(a), list(map(str, names)), n=1)
+      raise ValueError(
+          f"{_WHO}: batch_axes names {a!r}, which is not an axis of the mesh {names}"
+          f"{f' (did you mean {close[0]!r}?)' if close else ''}. Name axes of the mesh, or "
+          f"pass batch_axes=() to give every device the whole batch on purpose.")
+  return ax
+
+
+def _abstract_leaf(x):
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return x
 
 
 class ShardedTrainStep:
@@ -596,7 +709,9 @@ class ShardedTrainStep:
   `batch_axes`, and returns the trainable half and the state with the very
   same shardings (so donation reuses their buffers) and the loss replicated;
   the frozen half is neither donated nor returned, so the new tree holds the
-  same frozen arrays.
+  same frozen arrays. The tree and the state must keep the structure `init`
+  was given (each call checks, naming the first differing path); tied weights
+  are handled as in `jlora.train_step`.
 
   Attributes:
     mesh: the mesh.
@@ -605,40 +720,76 @@ class ShardedTrainStep:
   """
 
   def __init__(self, loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
-               mesh: Mesh, *, batch_axes: Any = ("data", "fsdp"), has_aux: bool = False,
+               mesh: Mesh, *, batch_axes: Any = DEFAULT_BATCH_AXES, has_aux: bool = False,
                donate: bool = True, rules=None, base=None, adapters: str = "derived"):
     self.loss_fn, self.tx = loss_fn, optimizer(tx)
     self.mesh, self.batch_axes = mesh, batch_axes
+    self._batch_axes = _batch_axes_of(batch_axes, mesh)
+    self._batch_devices = math.prod(dict(mesh.shape)[a] for a in self._batch_axes)
     self.has_aux, self.donate = has_aux, donate
     self._kw = dict(rules=rules, base=base, adapters=adapters)
     self.shardings = self.state_shardings = None
+    self._tree_shape = self._state_shape = self._defs = None
     self._steps: dict = {}
     functools.update_wrapper(self, loss_fn, updated=())
 
   def batch_spec(self) -> PartitionSpec:
     """The spec of a batch array's leading axis: the `batch_axes` present in the mesh."""
-    ax = self.batch_axes
-    ax = () if ax is None else (ax,) if isinstance(ax, str) else tuple(ax)
-    ax = tuple(a for a in ax if a in self.mesh.axis_names)
+    ax = self._batch_axes
     return PartitionSpec(ax if len(ax) > 1 else (ax[0] if ax else None))
 
   def init(self, tree: Any) -> Any:
-    _require_trainable(tree, "jlora.sharded_train_step")
-    self.shardings = shardings(tree, self.mesh, **self._kw)
+    require_trainable(tree, _WHO)
+    self.shardings = _shardings(tree, self.mesh, who=_WHO, **self._kw)
     trainable = split(tree).trainable
     state_shape = jax.eval_shape(self.tx.init, trainable)
     self.state_shardings = state_shardings(state_shape, tree, self.mesh, **self._kw)
+    self._tree_shape = jax.tree_util.tree_map(_abstract_leaf, tree)
+    self._state_shape = state_shape
+    self._defs = (jax.tree_util.tree_structure(tree), jax.tree_util.tree_structure(state_shape))
     self._steps.clear()
     return jax.jit(self.tx.init, out_shardings=self.state_shardings)(trainable)
 
   def _impl(self, trainable, opt_state, frozen, args, kwargs):
-    return update(self.loss_fn, self.tx, self.has_aux, trainable, opt_state, frozen, args, kwargs)
+    return update(self.loss_fn, self.tx, self.has_aux, trainable, opt_state, frozen, args, kwargs,
+                  who=_WHO)
+
+  def _check(self, tree, opt_state, args, kwargs):
+    """Raises, naming the path, unless the call fits what `init` and the mesh fixed."""
+    if self.shardings is None:
+      raise ValueError(f"{_WHO}: call step.init(tree) first; it fixes the shardings of the tree "
+                       f"and of the optimizer state.")
+    for got, want, want_def, what, fix in (
+        (tree, self._tree_shape, self._defs[0], "the tree", "call opt_state = step.init(tree) "
+         "for the new tree (it fixes new shardings), or step the tree init was given"),
+        (opt_state, self._state_shape, self._defs[1], "the optimizer state", "pass the state "
+         "step.init(tree) returned (or one restored onto jlora.abstract(state, "
+         "step.state_shardings))")):
+      if jax.tree_util.tree_structure(got) != want_def:
+        path, got_node, want_node = structure_difference(got, want) or ("", "?", "?")
+        where = repr(path) if path else "the root"
+        raise ValueError(
+            f"{_WHO}: {what} does not have the structure step.init(tree) was given: at {where} "
+            f"it holds {got_node} where that {what.split()[-1]} held {want_node}. Either {fix}.")
+    n = self._batch_devices
+    if n > 1:
+      for path, x in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]:
+        shape = tuple(getattr(x, "shape", ()))
+        if shape and shape[0] % n:
+          name = ("args" if path[0].idx == 0 else "kwargs") + jax.tree_util.keystr(path[1:])
+          ax = self._batch_axes
+          over = repr(ax[0]) if len(ax) == 1 else repr(ax)
+          raise ValueError(
+              f"{_WHO}: the batch array {name} (shape {shape}) is split on its leading axis "
+              f"over {over} ({n} devices), and {shape[0]} is not a multiple of {n}. Give every "
+              f"batch array a leading size that is a multiple of {n} (drop or pad the last "
+              f"batch), or pass batch_axes= naming fewer mesh axes.")
 
   def _compiled(self, args, kwargs):
-    if self.shardings is None:
-      raise ValueError("jlora.sharded_train_step: call step.init(tree) first; it fixes the "
-                       "shardings of the tree and of the optimizer state.")
-    key = jax.tree_util.tree_structure((args, kwargs))
+    # Keyed by structure and by which leaves have axes: a scalar's sharding is P(), an
+    # array's splits its leading axis, so the two cannot share a compiled step.
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    key = (treedef, tuple(None if not hasattr(x, "shape") else len(x.shape) > 0 for x in leaves))
     if key not in self._steps:
       spec = self.batch_spec()
       batch_sh = jax.tree_util.tree_map(lambda x: _batch_sharding(self.mesh, spec, x),
@@ -653,27 +804,31 @@ class ShardedTrainStep:
                                  donate_argnums=(0, 1) if self.donate else ())
     return self._steps[key]
 
-  def _place(self, tree):
-    """The halves of `tree`, moved to the step's shardings where they differ (else as is)."""
-    trainable, frozen = split(tree)
+  def _place(self, trainable, frozen):
+    """The halves, moved to the step's shardings where they differ (else as they are)."""
     t_sh, f_sh = split(self.shardings)
     return jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
 
   def __call__(self, tree, opt_state, *args, **kwargs):
+    self._check(tree, opt_state, args, kwargs)
     step = self._compiled(args, kwargs)
-    trainable, frozen = self._place(tree)
+    trainable, frozen = split(tree)
+    if self.donate:
+      trainable, opt_state = unalias(trainable, opt_state, frozen, (args, kwargs), _WHO)
+    trainable, frozen = self._place(trainable, frozen)
     trainable, opt_state, *out = step(trainable, opt_state, frozen, args, kwargs)
     return (combine(trainable, frozen), opt_state, *out)
 
   def lower(self, tree, opt_state, *args, **kwargs):
     """The lowered step (`.compile().as_text()` shows the partitioned HLO)."""
+    self._check(tree, opt_state, args, kwargs)
     step = self._compiled(args, kwargs)
-    trainable, frozen = self._place(tree)
+    trainable, frozen = self._place(*split(tree))
     return step.lower(trainable, opt_state, frozen, args, kwargs)
 
 
 def sharded_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
-                       mesh: Mesh, *, batch_axes: Any = ("data", "fsdp"),
+                       mesh: Mesh, *, batch_axes: Any = DEFAULT_BATCH_AXES,
                        has_aux: bool = False, donate: bool = True,
                        rules: Sequence[tuple[str, Any]] | None = None, base: Any = None,
                        adapters: str = "derived") -> ShardedTrainStep:
@@ -682,8 +837,8 @@ def sharded_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransforma
   The frozen weights keep the layout they have (or the one `base`/`rules`/Flax
   metadata give), the adapters follow them (`jlora.partition_specs`), the
   optimizer state follows the adapters, and the batch is split on its leading
-  axis over `batch_axes` (those present in the mesh; default the `data` and
-  `fsdp` axes, as in FSDP the weights' shards and the batch's share devices).
+  axis over `batch_axes` (default: the `data` and `fsdp` axes the mesh has, as
+  in FSDP the weights' shards and the batch's share devices).
 
   Args:
     loss_fn: `loss_fn(tree, *batch) -> loss` (or `(loss, aux)`), as for
@@ -692,13 +847,26 @@ def sharded_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransforma
     tx: an optax transformation (wrapped with `jlora.optimizer`).
     mesh: the device mesh (on several hosts: one global mesh, after
       `jax.distributed.initialize()`).
-    batch_axes: the mesh axes the batch's leading axis is split over.
+    batch_axes: the mesh axes the batch's leading axis is split over: a name
+      or a tuple of names, each an axis of the mesh; `()` gives every device
+      the whole batch (tensor parallelism alone). The default
+      `("data", "fsdp")` takes those of the two the mesh has; a mesh with
+      neither is an error, as is a name the mesh lacks (the batch is never
+      replicated silently). Every batch array's leading size must be a
+      multiple of the product of these axes' sizes.
     has_aux, donate: as for `jlora.train_step`.
     rules, base, adapters: as for `jlora.shardings`.
 
   Returns:
     A `ShardedTrainStep`: `init(tree) -> opt_state`, then
     `step(tree, opt_state, *batch) -> (tree, opt_state, loss[, aux])`.
+
+  Raises:
+    ValueError: `batch_axes` names an axis the mesh lacks, or the mesh has
+      none of the default ones; at `init`, a spec that does not fit the mesh
+      (naming the path); at a step, a tree or state whose structure differs
+      from the one `init` was given, or a batch array whose leading size the
+      batch axes do not divide (each naming the path and the fix).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jlora
@@ -711,8 +879,8 @@ def sharded_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransforma
     >>> step = jlora.sharded_train_step(loss, optax.adam(1e-2), mesh)
     >>> state = step.init(t)
     >>> t, state, l0 = step(t, state, jnp.ones((8, 4)))
-    >>> t["q_proj"].a.sharding.spec
-    P('fsdp',)
+    >>> tuple(t["q_proj"].a.sharding.spec)
+    ('fsdp',)
   """
   return ShardedTrainStep(loss_fn, tx, mesh, batch_axes=batch_axes, has_aux=has_aux,
                           donate=donate, rules=rules, base=base, adapters=adapters)

@@ -1,0 +1,344 @@
+"""Faults of the train steps (issue 15): tied weights under donation, trees and optimizer states
+that do not fit the step, untrainable leaves, and the sharded step's batch and layout errors.
+
+The cases that need several devices (an axis that does not divide a size, donation on a
+sharded mesh) run in one subprocess of this file with 8 host CPU devices
+(`python tests/test_step_faults.py` prints a JSON report), as in tests/test_sharding.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jlora
+from tests.helpers import Background, rand
+
+
+def _tied_trees(seed):
+  """Three trees holding one array at two paths, at least one of them trainable."""
+  e = rand((6, 4), seed)
+  q = rand((4, 4), seed + 1)
+  return {
+      "two_trainables": {"embed": jlora.Trainable(e), "head": jlora.Trainable(e), "q": q},
+      "trainable_and_frozen": {"embed": jlora.Trainable(e), "head": e, "q": q},
+      "trainable_and_lora_w": {"embed": jlora.Trainable(e), "q": q,
+                               "head": jlora.apply({"head": e}, rank=2, targets="head")["head"]},
+  }
+
+
+def _tied_loss(t, x):
+  m = jlora.merge(t)
+  return jnp.mean((x @ m["embed"] @ m["q"] @ m["head"].T - x) ** 2)
+
+
+def _host(tree):
+  return jax.tree.map(np.array, tree)
+
+
+@pytest.mark.parametrize("case", ["two_trainables", "trainable_and_frozen",
+                                  "trainable_and_lora_w"])
+def test_tied_weights_train_under_donation(case):
+  tree = _tied_trees(3)[case]
+  x = rand((5, 6), 4)
+  ref_step = jlora.train_step(_tied_loss, optax.adam(1e-2), donate=False)
+  ref, _, ref_loss = ref_step(tree, ref_step.init(tree), x)
+  step = jlora.train_step(_tied_loss, optax.adam(1e-2))
+  state = step.init(tree)
+  before = _host(tree)
+  frozen_before = jlora.split(before).frozen
+  with pytest.warns(UserWarning, match=r"jlora.train_step: one array is at 'embed' and "
+                                       r"'head(/w)?'.*trained at 'embed'.*part ways"):
+    new, state, loss = step(tree, state, x)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for u, v in zip(jax.tree.leaves(new), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(u, v, rtol=1e-6)
+  assert not np.array_equal(new["embed"].value, before["embed"].value)
+  # The frozen half is never donated, even where it shares its buffer with a trained leaf.
+  for u, v in zip(jax.tree.leaves(jlora.split(new).frozen), jax.tree.leaves(frozen_before)):
+    np.testing.assert_array_equal(u, v)
+  new, state, loss2 = step(new, state, x)  # the paths are separate now: no copy, no warning
+  assert float(loss2) < float(loss)
+
+
+class _AnchorState(NamedTuple):
+  anchor: object
+
+
+def _pull_to_init(strength):
+  """An L2-SP-style transformation: its state keeps the initial parameters themselves."""
+  def init(params):
+    return _AnchorState(params)
+
+  def update(updates, state, params):
+    return jax.tree.map(lambda u, p, a: u + strength * (p - a), updates, params,
+                        state.anchor), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def test_optimizer_state_holding_the_parameters_is_not_donated_twice():
+  tree = jlora.apply({"q_proj": rand((4, 6), 5)}, rank=2)
+  x = rand((8, 4), 6)
+  loss = lambda t, x: jnp.mean((jlora.lora(lambda p, x: x @ p["q_proj"])(t, x) - 1.0) ** 2)
+  tx = optax.chain(_pull_to_init(0.1), optax.sgd(1e-1))
+  step = jlora.train_step(loss, tx)
+  state = step.init(tree)
+  a0 = np.array(tree["q_proj"].a)
+  new, state, l0 = step(tree, state, x)
+  new, state, l1 = step(new, state, x)
+  assert float(l1) < float(l0)
+  anchor = state.inner_states["train"].inner_state[0].anchor["q_proj"].a
+  np.testing.assert_array_equal(anchor, a0)  # the state kept its own (copied) initial values
+
+
+def test_int_trainable_leaf_is_refused_with_its_path():
+  tree = {"q_proj": jlora.apply({"q_proj": rand((4, 6), 7)}, rank=2)["q_proj"],
+          "step_count": jlora.Trainable(jnp.arange(3))}
+  loss = lambda t, x: jnp.mean(x @ jlora.merge(t)["q_proj"])
+  step = jlora.train_step(loss, optax.adam(1e-2))
+  with pytest.raises(ValueError, match=r"jlora.train_step: the trainable leaf at 'step_count' "
+                                       r"has dtype int32.*trainable="):
+    step.init(tree)
+  with pytest.raises(ValueError, match=r"jlora.optimizer: the trainable leaf at 'step_count'"):
+    jlora.optimizer(optax.adam(1e-2), tree)
+  # A state made elsewhere: the step itself names the path when it is traced.
+  state = jlora.optimizer(optax.adam(1e-2)).init(jlora.split(tree).trainable)
+  with pytest.raises(ValueError, match=r"jlora.train_step: the trainable leaf at 'step_count'"):
+    step(tree, state, rand((2, 4), 8))
+
+
+def _two_kernels(seed):
+  return {"q_proj": rand((4, 6), seed), "v_proj": rand((4, 6), seed + 1)}
+
+
+def _qv_loss(t, x):
+  m = jlora.lora(lambda p, x: x @ p["q_proj"] + x @ p["v_proj"])(t, x)
+  return jnp.mean((m - 1.0) ** 2)
+
+
+def test_step_on_a_tree_the_state_was_not_made_for():
+  params = _two_kernels(9)
+  x = rand((8, 4), 10)
+  step = jlora.train_step(_qv_loss, optax.adam(1e-2), donate=False)
+  tree = jlora.apply(params, rank=2, targets="q_proj")
+  state = step.init(tree)
+  wider = jlora.apply(params, rank=2, targets="q_proj|v_proj")  # an extra LoRA leaf
+  with pytest.raises(ValueError, match=r"jlora.train_step: the optimizer state does not fit "
+                                       r"the tree.*'v_proj'.*step.init\(tree\)"):
+    step(wider, state, x)
+  # A plain optax state over the whole tree (it would hold moments for every w).
+  with pytest.raises(ValueError, match=r"optimizer state does not fit.*plain optax state"):
+    step(tree, optax.adam(1e-2).init(tree), x)
+  # The step still works with the state made for each tree.
+  _, _, loss = step(wider, step.init(wider), x)
+  assert np.isfinite(float(loss))
+
+
+def test_optimizer_without_tree_still_freezes_every_weight():
+  tree = jlora.apply(_two_kernels(11), rank=2, targets="q_proj")
+  x = rand((8, 4), 12)
+  tx = jlora.optimizer(optax.adamw(1e-2, weight_decay=0.5))  # no tree given
+  state = tx.init(tree)
+  assert sum(v.size for v in jax.tree.leaves(state)) == 2 * jlora.count(tree).trainable + 1
+  grads = jax.grad(_qv_loss)(tree, x)
+  assert np.any(np.asarray(grads["v_proj"]))  # plain jax.grad does reach the frozen weights
+  updates, _ = tx.update(grads, state, tree)
+  new = optax.apply_updates(tree, updates)
+  np.testing.assert_array_equal(new["v_proj"], tree["v_proj"])
+  np.testing.assert_array_equal(new["q_proj"].w, tree["q_proj"].w)
+  assert not np.array_equal(new["q_proj"].b, tree["q_proj"].b)
+
+
+# ----------------------------------------------------------------------------- sharded, 1 device
+
+
+def _mesh(*names):
+  return jax.make_mesh((1,) * len(names), names)
+
+
+def _sharded_tree(mesh, seed, spec=P()):
+  w = jax.device_put(rand((4, 6), seed), NamedSharding(mesh, spec))
+  return jlora.apply({"q_proj": w}, rank=2)
+
+
+def _q_loss(t, x):
+  return jnp.mean((jlora.lora(lambda p, x: x @ p["q_proj"])(t, x) - 1.0) ** 2)
+
+
+def test_sharded_batch_axes_typo_and_missing_batch_axis():
+  mesh = _mesh("data", "tensor")
+  with pytest.raises(ValueError, match=r"jlora.sharded_train_step: batch_axes names 'dat', "
+                                       r"which is not an axis of the mesh \('data', 'tensor'\)"
+                                       r".*'data'"):
+    jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh, batch_axes="dat")
+  with pytest.raises(ValueError, match=r"batch_axes names 'fsdpp'"):
+    jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh, batch_axes=("data", "fsdpp"))
+  tp = _mesh("tensor")
+  with pytest.raises(ValueError, match=r"the mesh's axes \('tensor',\) hold none of the default "
+                                       r"batch axes.*every device.*batch_axes=\(\)"):
+    jlora.sharded_train_step(_q_loss, optax.adam(1e-2), tp)
+  # Replicating the batch on purpose (tensor parallelism alone): batch_axes=().
+  step = jlora.sharded_train_step(_q_loss, optax.adam(1e-2), tp, batch_axes=())
+  assert step.batch_spec() == P(None)
+  tree = _sharded_tree(tp, 13, P(None, "tensor"))
+  _, _, loss = step(tree, step.init(tree), rand((8, 4), 14))
+  assert np.isfinite(float(loss))
+  # The default keeps the batch axes the mesh has.
+  assert jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh).batch_spec() == P("data")
+
+
+def test_sharded_step_on_a_tree_with_an_extra_leaf():
+  mesh = _mesh("data", "fsdp")
+  params = jax.device_put(_two_kernels(15), NamedSharding(mesh, P("fsdp")))
+  step = jlora.sharded_train_step(_qv_loss, optax.adam(1e-2), mesh, donate=False)
+  tree = jlora.apply(params, rank=2, targets="q_proj")
+  state = step.init(tree)
+  wider = jlora.apply(params, rank=2, targets="q_proj|v_proj")
+  with pytest.raises(ValueError, match=r"jlora.sharded_train_step: the tree does not have the "
+                                       r"structure step.init\(tree\) was given: at 'v_proj'.*"
+                                       r"LoRA.*array.*step.init"):
+    step(wider, state, rand((8, 4), 16))
+  with pytest.raises(ValueError, match=r"the optimizer state does not have the structure"):
+    step(tree, jlora.optimizer(optax.sgd(1e-2)).init(tree), rand((8, 4), 16))
+  _, _, loss = step(tree, state, rand((8, 4), 16))
+  assert np.isfinite(float(loss))
+
+
+def test_sharded_tied_trainable_weights_on_one_device():
+  mesh = _mesh("data", "fsdp")
+  e = jax.device_put(rand((6, 4), 17), NamedSharding(mesh, P("fsdp")))
+  tree = {"embed": jlora.Trainable(e), "head": jlora.Trainable(e),
+          "q": jax.device_put(rand((4, 4), 18), NamedSharding(mesh, P()))}
+  step = jlora.sharded_train_step(_tied_loss, optax.adam(1e-2), mesh)
+  state = step.init(tree)
+  with pytest.warns(UserWarning, match=r"jlora.sharded_train_step: one array is at 'embed' and "
+                                       r"'head'"):
+    new, state, loss = step(tree, state, rand((5, 6), 19))
+  assert np.isfinite(float(loss))
+  assert not np.array_equal(new["embed"].value, new["head"].value)  # two weights from now on
+
+
+def test_sharded_batch_leaves_keyed_by_rank():
+  """A scalar batch argument first, then an array in its place: the array is still split."""
+  mesh = _mesh("data", "fsdp")
+  tree = _sharded_tree(mesh, 20, P("fsdp"))
+  loss = lambda t, x, s: jnp.mean(s) * _q_loss(t, x)
+  step = jlora.sharded_train_step(loss, optax.sgd(1e-2), mesh, donate=False)
+  state = step.init(tree)
+  x = rand((8, 4), 21)
+  step(tree, state, x, jnp.float32(2.0))
+  batch = step.lower(tree, state, x, rand((8, 3), 22)).compile().input_shardings[0][3]
+  assert [tuple(s.spec) for s in batch] == [(("data", "fsdp"),), (("data", "fsdp"),)]
+
+
+# ----------------------------------------------------------------------------- 8 host devices
+
+
+def _worker_env(env):
+  env = dict(env)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+WORKER = Background([sys.executable, os.path.abspath(__file__)], env=_worker_env, timeout=300)
+
+
+def _report() -> dict:
+  return json.loads(WORKER.output().strip().splitlines()[-1])
+
+
+@pytest.mark.background(WORKER)
+def test_indivisible_layouts_name_the_path_and_the_fix():
+  r = _report()
+  assert r["devices"] == 8
+  assert "jlora.sharded_train_step: the array at 'q_proj/w' (shape (8, 16)) cannot take " \
+         "P('fsdp')" in r["indivisible_w"], r["indivisible_w"]
+  assert "axis 0 (size 8) over 'fsdp' (3 devices)" in r["indivisible_w"]
+  assert "adapters='replicated'" not in r["indivisible_w"]
+  assert "jlora.shardings: the adapter at 'q_proj/a' (shape (8, 2))" in r["indivisible_a"]
+  assert "follow their weight" in r["indivisible_a"]
+  assert "jlora.shardings: the spec P('fsdpp') at 'q_proj/w' names 'fsdpp', which is not an " \
+         "axis of the mesh ('fsdp',)" in r["unknown_axis"], r["unknown_axis"]
+  assert "'fsdp'" in r["unknown_axis"]
+
+
+@pytest.mark.background(WORKER)
+def test_sharded_batch_that_does_not_divide():
+  r = _report()
+  assert ("jlora.sharded_train_step: the batch array args[0] (shape (6, 4)) is split on its "
+          "leading axis over ('data', 'fsdp') (8 devices)") in r["batch"], r["batch"]
+  assert "multiple of 8" in r["batch"]
+
+
+@pytest.mark.background(WORKER)
+def test_sharded_tied_weights_on_eight_devices():
+  r = _report()
+  assert r["tied_loss_finite"]
+  assert r["tied_warned"]
+  assert r["tied_matches_undonated"] < 1e-5
+
+
+def _worker() -> dict:
+  import warnings
+  warnings.simplefilter("error")
+  warnings.filterwarnings("ignore", category=DeprecationWarning)
+  from jax.sharding import Mesh
+
+  out: dict = {"devices": jax.device_count()}
+  m3 = Mesh(np.array(jax.devices()[:3]), ("fsdp",))
+  tree = jlora.apply({"q_proj": rand((8, 16), 30)}, rank=2)
+
+  def err(fn):
+    try:
+      fn()
+    except ValueError as e:
+      return str(e)
+    return "no error"
+
+  out["indivisible_w"] = err(lambda: jlora.sharded_train_step(
+      _q_loss, optax.adam(1e-2), m3, base={"q_proj": P("fsdp")}).init(tree))
+  out["indivisible_a"] = err(lambda: jlora.shardings(jlora.split(tree).trainable, m3,
+                                                     base={"q_proj": P("fsdp")}))
+  out["unknown_axis"] = err(lambda: jlora.shardings(tree, m3, base={"q_proj": P("fsdpp")}))
+
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+  w = jax.device_put(rand((4, 6), 31), NamedSharding(mesh, P("fsdp")))
+  t = jlora.apply({"q_proj": w}, rank=2)
+  step = jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh, donate=False)
+  out["batch"] = err(lambda: step(t, step.init(t), rand((6, 4), 32)))
+
+  e = jax.device_put(rand((8, 4), 33), NamedSharding(mesh, P("fsdp")))
+  tied = {"embed": jlora.Trainable(e), "head": jlora.Trainable(e),
+          "q": jax.device_put(rand((4, 4), 34), NamedSharding(mesh, P()))}
+  x = rand((8, 8), 35)
+  ref = jlora.sharded_train_step(_tied_loss, optax.adam(1e-2), mesh, donate=False)
+  ref_tree, _, ref_loss = ref(tied, ref.init(tied), x)
+  step = jlora.sharded_train_step(_tied_loss, optax.adam(1e-2), mesh)
+  state = step.init(tied)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    new, state, loss = step(tied, state, x)
+  out["tied_warned"] = any("one array is at 'embed' and 'head'" in str(c.message) for c in caught)
+  out["tied_loss_finite"] = bool(np.isfinite(float(loss)))
+  out["tied_matches_undonated"] = max(
+      float(np.abs(np.asarray(a) - np.asarray(b)).max())
+      for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref_tree)))
+  return out
+
+
+if __name__ == "__main__":
+  print(json.dumps(_worker()))
