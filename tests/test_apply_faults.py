@@ -3,10 +3,12 @@
 import math
 import re
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 import jlora
 from tests.helpers import rand
@@ -393,3 +395,99 @@ def test_pattern_matching_part_of_a_leaf_name_does_not_name_it():
   assert _lora_paths(jlora.apply(params, rank=2, targets="q_proj/.*")) == ["q_proj/kernel"]
   with pytest.raises(ValueError, match=r"selects 'q_proj/bias' of shape \(8,\) \(a bias\)"):
     jlora.apply(params, rank=2, targets=r"q_proj/(kernel|bias)")
+
+
+# properties over random trees ---------------------------------------------------------------------
+# Abstract leaves (jax.ShapeDtypeStruct) under jax.eval_shape: no compilation per example.
+
+_SETTINGS = dict(deadline=None, derandomize=True, database=None)
+# Module names, many holding "embed" or "norm" as a substring (none is an embedding or a norm).
+_MODULES = ["attn", "mlp", "block_0", "encoder", "text_embedder", "denormalizer", "patch_embed",
+            "normalizer", "embedding_head", "embedder_mlp", "proj", "dense", "qkv", "gate",
+            "unnormed", "tokens", "out"]
+_QV = ["query", "value", "q_proj", "v_proj", "wq", "wv", "q", "v", "attn_q", "query_dense"]
+# Leaves that all-linear and the default leave out, whatever module holds them.
+_NOT_KERNELS = {"bias": (6,), "b": (6,), "out_bias": (6,), "embedding": (30, 6),
+                "embeddings": (30, 6), "wte": (30, 6), "pos_embed": (5, 6)}
+_NORMS = ["norm", "layernorm", "input_layernorm", "LayerNorm_0", "ln_f", "q_norm", "norm1"]
+
+
+def _sds(shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@st.composite
+def _trees(draw):
+  """A random tree, depth >= 2: modules holding kernels, biases, tables, norms and ints."""
+  tree = {}
+  for _ in range(draw(st.integers(1, 4))):
+    node = tree.setdefault(draw(st.sampled_from(_MODULES + _QV + _NORMS)), {})
+    for j in range(draw(st.integers(1, 3))):
+      kind = draw(st.sampled_from(["kernel", "weight", "w", "not_kernel", "int", "sub"]))
+      if kind == "not_kernel":
+        leaf = draw(st.sampled_from(sorted(_NOT_KERNELS)))
+        node[leaf] = _sds(_NOT_KERNELS[leaf])
+      elif kind == "int":
+        node[f"ids_{j}"] = _sds((4, 4), jnp.int32)
+      elif kind == "sub":
+        sub = draw(st.sampled_from(_MODULES + _QV))
+        node[sub] = {"kernel": _sds(draw(st.sampled_from([(6, 8), (8, 6), (4, 6, 8)])))}
+      else:
+        node[kind] = _sds(draw(st.sampled_from([(6, 8), (8, 6), (4, 6, 8)])))
+  return tree
+
+
+def _adapted(tree, **kw):
+  return _lora_paths(jax.eval_shape(lambda p: jlora.apply(p, rank=2, **kw), tree))
+
+
+def _leaves(tree):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [("/".join(str(k.key) for k in p), x) for p, x in flat]
+
+
+def _safe(f):
+  """`f()`'s adapted paths, or None where it raises "matched no kernel" (nothing to adapt)."""
+  try:
+    return f()
+  except ValueError as e:
+    assert "matched no kernel" in str(e), str(e)
+    return None
+
+
+@settings(max_examples=60, **_SETTINGS)
+@given(_trees(), st.sampled_from(["text_embedder", "denormalizer", "patch_embed", "embed",
+                                  "norm", "layernorm", "wte", "embeddings", "block"]))
+def test_presets_do_not_depend_on_the_modules_above_the_leaf(tree, prefix):
+  # A module above the leaf's own module never decides: prefixing the whole tree changes nothing.
+  for targets in (None, "all-linear"):
+    plain = _safe(lambda: _adapted(tree, targets=targets))
+    nested = _safe(lambda: _adapted({prefix: tree}, targets=targets))
+    assert nested == (None if plain is None else [f"{prefix}/{p}" for p in plain])
+
+
+@settings(max_examples=60, **_SETTINGS)
+@given(_trees())
+def test_presets_adapt_every_kernel_and_nothing_else(tree):
+  kernels = [p for p, x in _leaves(tree)
+             if x.dtype == jnp.float32 and len(x.shape) >= 2
+             and p.split("/")[-1] in ("kernel", "weight", "w") and p.split("/")[-2] not in _NORMS]
+  qv = [p for p in kernels if set(p.split("/")[:-1]) & set(_QV)]
+  everything = _safe(lambda: _adapted(tree, targets="all-linear"))
+  assert everything == (sorted(kernels) or None)
+  assert _safe(lambda: _adapted(tree)) == (sorted(qv) or None)
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(_trees(), st.data())
+def test_a_pattern_naming_one_leaf_adapts_it_or_says_why(tree, data):
+  path, leaf = data.draw(st.sampled_from(_leaves(tree)))
+  named = "^" + re.escape(path) + "$"
+  if leaf.dtype != jnp.float32:
+    with pytest.raises(TypeError, match=rf"matched {re.escape(repr(path))} of dtype int32"):
+      _adapted(tree, targets=named)
+  elif len(leaf.shape) < 2:
+    with pytest.raises(ValueError, match=rf"it selected {re.escape(repr(path))} of shape"):
+      _adapted(tree, targets=named)
+  else:  # a 2-D bias, norm or embedding table too: the pattern names it
+    assert _adapted(tree, targets=named) == [path]

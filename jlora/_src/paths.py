@@ -30,8 +30,7 @@ _BIAS_LEAF = re.compile(r"bias|b|\w*_bias|bias_\w*", re.IGNORECASE)
 # Norm layers (the leaf itself or the module holding it): `norm`, `q_norm`,
 # `input_layernorm`, `LayerNorm_0`, `RMSNorm_0`, `layer_norm1`, `norm_f`, `ln_1`, `ln_f`,
 # `final_normalization`; not `denormalizer` or `normalizer`.
-_NORM_NAME = re.compile(r"\w*norm(alization|alisation)?(_?\d+|_\w+)?|ln(_?\d+|_\w+|f)?|"
-                        r"\w*_ln(_?\d+)?",
+_NORM_NAME = re.compile(r"\w*norm(alization|alisation)?\d*(_\w+)?|ln\d*(_\w+|f)?|\w*_ln\d*(_\w+)?",
                         re.IGNORECASE)
 # Embedding tables by leaf name: Flax `nn.Embed`'s `embedding`, Keras `embeddings`,
 # gemma `input_embedding`, GPT-2 `wte`/`wpe`, ViT `pos_embed`/`pos_embedding`.
