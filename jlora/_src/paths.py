@@ -302,11 +302,6 @@ class PerTarget:
     return default, None
 
 
-def lookup(mapping_or_value, path: str, what: str, default=None):
-  """Resolves a value that may be given per target as {pattern: value}."""
-  return PerTarget(mapping_or_value, what).get(path, default, required=True)[0]
-
-
 def prefixes(paths: Sequence[str]) -> list[str]:
   """Every path and every module path above it, without repeats, in order.
 
