@@ -285,6 +285,13 @@ def test_sharded_batch_that_does_not_divide():
 
 
 @pytest.mark.background(WORKER)
+def test_sharded_step_moves_batch_and_state_to_its_layouts():
+  r = _report()
+  for got in r["moved"]:
+    assert isinstance(got, float) and abs(got) < 1e-6, got
+
+
+@pytest.mark.background(WORKER)
 def test_sharded_tied_weights_on_eight_devices():
   r = _report()
   assert r["tied_loss_finite"]
@@ -320,6 +327,22 @@ def _worker() -> dict:
   t = jlora.apply({"q_proj": w}, rank=2)
   step = jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh, donate=False)
   out["batch"] = err(lambda: step(t, step.init(t), rand((6, 4), 32)))
+
+  # A batch and a state committed elsewhere (one device, e.g. restored there; another
+  # layout) are moved, as the tree is, to the step's layouts.
+  x = rand((8, 4), 36)
+  state = step.init(t)
+  _, _, loss_ref = step(t, state, x)
+  on_one = lambda tree: jax.device_put(jax.tree.map(np.asarray, tree), jax.devices()[0])
+  moved = []
+  for bx, st in ((on_one(x), state),
+                 (jax.device_put(x, NamedSharding(mesh, P(None, "fsdp"))), state),
+                 (x, on_one(state))):
+    try:
+      moved.append(float(step(t, st, bx)[2]) - float(loss_ref))
+    except Exception as ex:  # noqa: BLE001 - reported, not raised
+      moved.append(f"{type(ex).__name__}: {str(ex)[:300]}")
+  out["moved"] = moved
 
   e = jax.device_put(rand((8, 4), 33), NamedSharding(mesh, P("fsdp")))
   tied = {"embed": jlora.Trainable(e), "head": jlora.Trainable(e),

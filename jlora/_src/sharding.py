@@ -706,7 +706,8 @@ class ShardedTrainStep:
   adapter); `tree, opt_state, loss = step(tree, opt_state, *batch)`. The
   compiled step takes the trainable half, the state and the frozen half with
   their shardings, each batch array split on its leading axis over
-  `batch_axes`, and returns the trainable half and the state with the very
+  `batch_axes` (arrays laid out otherwise, e.g. on one device, are moved there
+  first), and returns the trainable half and the state with the very
   same shardings (so donation reuses their buffers) and the loss replicated;
   the frozen half is neither donated nor returned, so the new tree holds the
   same frozen arrays. The tree and the state must keep the structure `init`
@@ -798,32 +799,47 @@ class ShardedTrainStep:
       out = (t_sh, self.state_shardings, NamedSharding(self.mesh, PartitionSpec()))
       if self.has_aux:
         out = (*out, None)
-      self._steps[key] = jax.jit(self._impl, in_shardings=(t_sh, self.state_shardings, f_sh,
-                                                           *batch_sh),
-                                 out_shardings=out,
-                                 donate_argnums=(0, 1) if self.donate else ())
+      step = jax.jit(self._impl, in_shardings=(t_sh, self.state_shardings, f_sh, *batch_sh),
+                     out_shardings=out, donate_argnums=(0, 1) if self.donate else ())
+      self._steps[key] = step, batch_sh
     return self._steps[key]
 
-  def _place(self, trainable, frozen):
-    """The halves, moved to the step's shardings where they differ (else as they are)."""
+  def _place(self, trainable, opt_state, frozen, batch, batch_sh):
+    """Everything the step takes, moved to its shardings where they differ (else as it is).
+
+    Of the batch, only committed jax arrays move (`jax.jit` refuses them laid out
+    otherwise); host data and uncommitted arrays go to `jax.jit` as they are.
+    """
     t_sh, f_sh = split(self.shardings)
-    return jax.device_put(trainable, t_sh), jax.device_put(frozen, f_sh)
+
+    def move(x, s):
+      if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and s is not None
+          and x.committed and not x.sharding.is_equivalent_to(s, x.ndim)):
+        return jax.device_put(x, s)
+      return x
+
+    batch = jax.tree_util.tree_map(move, batch, batch_sh)
+    return (jax.device_put(trainable, t_sh), jax.device_put(opt_state, self.state_shardings),
+            jax.device_put(frozen, f_sh), batch)
 
   def __call__(self, tree, opt_state, *args, **kwargs):
     self._check(tree, opt_state, args, kwargs)
-    step = self._compiled(args, kwargs)
+    step, batch_sh = self._compiled(args, kwargs)
     trainable, frozen = split(tree)
     if self.donate:
       trainable, opt_state = unalias(trainable, opt_state, frozen, (args, kwargs), _WHO)
-    trainable, frozen = self._place(trainable, frozen)
+    trainable, opt_state, frozen, (args, kwargs) = self._place(
+        trainable, opt_state, frozen, (args, kwargs), batch_sh)
     trainable, opt_state, *out = step(trainable, opt_state, frozen, args, kwargs)
     return (combine(trainable, frozen), opt_state, *out)
 
   def lower(self, tree, opt_state, *args, **kwargs):
     """The lowered step (`.compile().as_text()` shows the partitioned HLO)."""
     self._check(tree, opt_state, args, kwargs)
-    step = self._compiled(args, kwargs)
-    trainable, frozen = self._place(*split(tree))
+    step, batch_sh = self._compiled(args, kwargs)
+    trainable, frozen = split(tree)
+    trainable, opt_state, frozen, (args, kwargs) = self._place(
+        trainable, opt_state, frozen, (args, kwargs), batch_sh)
     return step.lower(trainable, opt_state, frozen, args, kwargs)
 
 
