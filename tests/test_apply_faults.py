@@ -491,3 +491,13 @@ def test_a_pattern_naming_one_leaf_adapts_it_or_says_why(tree, data):
       _adapted(tree, targets=named)
   else:  # a 2-D bias, norm or embedding table too: the pattern names it
     assert _adapted(tree, targets=named) == [path]
+
+
+def test_pattern_naming_a_leaf_that_is_not_an_array():
+  params = {"q_proj": rand((8, 8)), "temperature": 0.5}
+  with pytest.raises(ValueError, match=r"the targets callable selected 'temperature', a float "
+                                       r"\(not an array\).* Return False for it"):
+    jlora.apply(params, rank=2, targets=lambda path, leaf: True)
+  with pytest.raises(ValueError, match=r"targets='q_proj\|temperature' selects 'temperature', a "
+                                       r"float \(not an array\); LoRA needs a kernel"):
+    jlora.apply(params, rank=2, targets="q_proj|temperature")

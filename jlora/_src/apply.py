@@ -363,7 +363,8 @@ class _Targets:
     named = self.sel.names(ps, leaf)
     shape, dt = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
     if shape is None or dt is None:
-      return ("select", ps, f"{ps!r}, a {type(leaf).__name__} (not an array)") if named else _SKIP
+      what = f"{ps!r}, a {type(leaf).__name__} (not an array)"
+      return ("select", ps, what, None, n_stack) if named else _SKIP
     shape = tuple(shape)
     kshape = _KernelView(leaf, n_stack).shape
     if not P.is_floating(leaf):
@@ -415,9 +416,10 @@ class _Targets:
     if selected:
       r = selected[0]
       if self.sel.is_callable:
+        what = r[2] if r[3] is None else f"{r[1]!r} with kernel shape {r[3]}"
         raise ValueError(
-            f"jlora.apply: the targets callable selected {r[1]!r} with kernel shape {r[3]}; LoRA "
-            f"needs ndim >= 2 (after {r[4]} stack axes). Return False for it.")
+            f"jlora.apply: the targets callable selected {what}; LoRA needs ndim >= 2 (after "
+            f"{r[4]} stack axes). Return False for it.")
       raise ValueError(
           f"jlora.apply: targets={self.targets!r} selects {r[2]}; LoRA needs a kernel with "
           f"ndim >= 2. Narrow the pattern so it leaves {r[1]!r} out.")
