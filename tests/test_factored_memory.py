@@ -262,3 +262,74 @@ def test_two_stack_axes_contracted_and_kept_materialize_with_a_warning():
   np.testing.assert_allclose(y, f(jlora.merge(t), x), rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="strict=True"):
     jlora.lora(f, strict=True)(t, x)
+
+
+# --------------------------------------------------------------------------- convolutions
+
+
+def conv_sizes(jaxpr):
+  """The output sizes of every conv_general_dilated and dot_general in `jaxpr`."""
+  return [math.prod(e.outvars[0].aval.shape) for e in iter_eqns(jaxpr)
+          if e.primitive.name in ("conv_general_dilated", "dot_general")]
+
+
+CONV = nn.Conv(6, (3, 3), padding="SAME", use_bias=False)
+CONV_FNS = {
+    "conv": lambda p, x: CONV.apply({"params": p}, x),
+    # the backward pass convolves with the kernel reversed and its feature axes swapped
+    "grad inside": lambda p, x: jax.grad(
+        lambda x: jnp.sum(jnp.tanh(CONV.apply({"params": p}, x)) ** 2))(x),
+    "strided transposed conv": lambda p, x: lax.conv_transpose(
+        x, p["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+}
+
+
+@pytest.mark.parametrize("fn", list(CONV_FNS))
+@pytest.mark.parametrize("a_axes", [(0, 1, 2), (2,), (3,), (0, 1, 3)],
+                         ids=["keras", "fan (a: in)", "a: out", "b: in"])
+def test_conv_runs_factored_whichever_factor_spans_one_feature_axis(fn, a_axes):
+  """A conv kernel whose `a` or `b` spans one feature axis alone runs as a convolution with
+  r features there and a pointwise product with that factor: `conv(x, A)·B`, `(x·A) ⊛ B`,
+  and the same with the factors' roles swapped, as a backward pass uses the kernel (a `rev`
+  of its spatial axes keeps the factoring). No materialization (strict), values and
+  gradients as merged, and no intermediate over r * max(x, w, y)."""
+  t = {"kernel": lora_leaf((3, 3, 4, 6), a_axes, 2, seed=sum(a_axes))}
+  x = rand((2, 7, 7, 4) if fn != "strided transposed conv" else (2, 4, 4, 4), 8)
+  f = CONV_FNS[fn]
+  y = jax.eval_shape(f, {"kernel": t["kernel"].w}, x)
+  jaxpr, (got, want) = grad_jaxpr_and_values(f, t, x)
+  assert max(conv_sizes(jaxpr)) <= 2 * max(x.size, 3 * 3 * 4 * 6, math.prod(y.shape))
+  assert_close_trees(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_with_spatial_only_adapter_materializes_with_a_warning():
+  """`a` spanning the spatial axes alone (`b` both feature axes) has no factored conv form."""
+  t = {"kernel": lora_leaf((3, 3, 4, 6), (0, 1), 2)}
+  x = rand((2, 7, 7, 4), 8)
+  with pytest.warns(jlora.MaterializeWarning, match="conv_general_dilated"):
+    y = jlora.lora(CONV_FNS["conv"])(t, x)
+  np.testing.assert_allclose(y, CONV_FNS["conv"](jlora.merge(t), x), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- slices of a kernel
+
+SLICE_FNS = {
+    # a fused q/k/v kernel cut into its three projections along the output axis
+    "fused qkv": lambda p, x: sum(jnp.tanh(x @ p["w"][:, i * 4:(i + 1) * 4]) for i in range(3)),
+    "input rows, strided": lambda p, x: x[:, :5] @ p["w"][1::2],
+    "dynamic_slice": lambda p, x: x @ lax.dynamic_slice_in_dim(p["w"], x.shape[0] - 3, 6, 1),
+    "dynamic_slice, input axis": lambda p, x: x[:, :4] @ lax.dynamic_slice_in_dim(
+        p["w"], jnp.int32(x.shape[0]), 4, 0),
+}
+
+
+@pytest.mark.parametrize("fn", list(SLICE_FNS))
+def test_slices_of_kernel_axes_stay_factored(fn):
+  """Slicing a kernel axis slices the factor that spans it: no materialization (strict),
+  values and gradients as merged, nothing larger than rank * max(x, w, y)."""
+  t = {"w": lora_leaf((10, 12), (0,), 3)}
+  x = rand((5, 10), 9)
+  f = SLICE_FNS[fn]
+  jaxpr, (got, want) = grad_jaxpr_and_values(f, t, x)
+  assert max(dot_sizes(jaxpr)) <= 3 * 120
+  assert_close_trees(got, want)

@@ -250,15 +250,19 @@ class ConvNet(nn.Module):
     return x.mean((1, 2))
 
 
-def test_conv_factored_in_keras_layout_else_materialized():
+def test_conv_factored_in_keras_and_fan_layouts_else_materialized():
   m = ConvNet()
   x = jax.random.normal(jax.random.key(19), (2, 9, 9, 4))
   p = m.init(KEY, x)["params"]
   t = randomize_b(jlora.apply(p, rank=2, targets="conv"))
   assert t["conv1"]["kernel"].a.shape == (3, 3, 4, 2)
   assert_equivalent(params_apply(m), t, x)  # strict: no materialization
-  t2 = randomize_b(jlora.apply(p, rank=2, targets="conv", layout="fan",
+  t1 = randomize_b(jlora.apply(p, rank=2, targets="conv", layout="fan",
                                in_axes={"conv": (2,)}))
+  assert t1["conv1"]["kernel"].a.shape == (4, 2)  # x·a pointwise, then a conv with b
+  assert_equivalent(params_apply(m), t1, x)
+  t2 = randomize_b(jlora.apply(p, rank=2, targets="conv", layout="fan",
+                               in_axes={"conv": (0, 1)}))  # a: spatial axes alone
   with pytest.warns(jlora.MaterializeWarning, match="conv_general_dilated"):
     y = jlora.lora(params_apply(m))(t2, x)
   np.testing.assert_allclose(y, m.apply({"params": jlora.merge(t2)}, x), rtol=1e-5, atol=1e-5)

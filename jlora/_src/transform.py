@@ -12,21 +12,25 @@ rewritten by rules:
   `x·W + s·((x·B)·A)` when `x` contracts the axes of `B` (`x @ w.T`, a tied LM
   head's `nn.Embed.attend`, the backward pass of a `jax.grad` inside `fn`):
   whichever rank-wide intermediate is smaller, so none has more than
-  `r·max(|x|, |W|, |y|)` elements. The
-  adapters are cast to the weight's compute dtype (a bf16 model with float32
+  `r·max(|x|, |W|, |y|)` elements (a kernel with two stack axes, one
+  contracted and one kept, has no such order and materializes). The adapters
+  are cast to the weight's compute dtype (a bf16 model with float32
   adapters computes the adapter branch in bf16, as it computes `x·W`). On GPUs,
   a plain 2-D kernel with `N >= 2·K` (a feed-forward up-projection) runs as one
   matmul `[x, s·x·A]·[W; B]`, because XLA there writes the adapter's output and
   adds it in separate kernels; the backward pass is the same either way (no
   full weight gradient). See `_fold_pays`.
 * `gather` of whole rows (`nn.Embed`, `jnp.take`): `w[i] + s·(a[i]·B)`.
-* `conv_general_dilated` (`nn.Conv`) when `b` spans exactly the output-feature
-  axis (the Keras layout of a conv kernel): `conv(x, W) + s·(conv(x, A)·B)`;
-  other layouts, grouped convolutions and transposed kernels materialize.
+* `conv_general_dilated` (`nn.Conv`, `lax.conv_transpose`) when `a` or `b`
+  spans one feature axis alone: `conv(x, W) + s·(conv(x, A)·B)` when `b` spans
+  the output features (the Keras layout of a conv kernel), `s·conv(x·A, B)`
+  when `a` spans the input features (fan-in), and the same with `a` and `b`
+  swapped (the kernel in a backward pass); other layouts and grouped
+  convolutions materialize.
 * weight-only ops keep the factoring: `convert_element_type`, `transpose`,
-  axis-regrouping `reshape`/`squeeze`, `sharding_constraint`, `copy`, and
-  slicing along stack axes (`slice`, `dynamic_slice`).
-* the rank-wide adapter activation `x·A` (or `x·B`, and `conv(x, A)`) is named
+  axis-regrouping `reshape`/`squeeze`, `sharding_constraint`, `copy`, `rev`,
+  and `slice`/`dynamic_slice` along any axes (a fused QKV kernel cut in three).
+* the rank-wide adapter activation `x·A` (or `x·B`, and their conv forms) is named
   `"jlora_xa"` (`jax.ad_checkpoint.checkpoint_name`), so a remat policy such as
   `jax.checkpoint_policies.save_only_these_names("jlora_xa", ...)` can keep it
   (r values per token) instead of recomputing it, and its input, in the
@@ -526,34 +530,43 @@ def _squeeze(ctx, eqn, invals):
   return _reshape_lv(lv, tuple(w_new.shape), w_new)
 
 
+def _factor_axes(lv: _LV):
+  """For `a` and for `b`, the axis of `w` each of its axes stands for (None: the rank)."""
+  st = list(range(lv.stack))
+  return (st + [lv.stack + i for i in lv.a_axes] + [None],
+          st + [None] + [lv.stack + i for i in lv.b_axes])
+
+
 @_rule("slice")
 def _slice(ctx, eqn, invals):
+  """A slice of `w` (stack or kernel axes) is the same slice of the factor spanning each axis."""
   (lv,) = invals
   st, lim = eqn.params["start_indices"], eqn.params["limit_indices"]
   strides = eqn.params.get("strides") or (1,) * len(st)
-  s = lv.stack
-  full = all(st[i] == 0 and lim[i] == lv.w.shape[i] and strides[i] == 1
-             for i in range(s, lv.w.ndim))
-  if not full or s == 0:
-    return None
-  cut = lambda arr: lax.slice(arr, tuple(st[:s]) + (0,) * (arr.ndim - s),
-                              tuple(lim[:s]) + tuple(arr.shape[s:]),
-                              tuple(strides[:s]) + (1,) * (arr.ndim - s))
-  return lv.replace(w=_bind(eqn, [lv.w]), a=cut(lv.a), b=cut(lv.b))
+
+  def cut(arr, axes):
+    return lax.slice(arr, [0 if k is None else st[k] for k in axes],
+                     [n if k is None else lim[k] for k, n in zip(axes, arr.shape)],
+                     [1 if k is None else strides[k] for k in axes])
+
+  fa, fb = _factor_axes(lv)
+  return lv.replace(w=_bind(eqn, [lv.w]), a=cut(lv.a, fa), b=cut(lv.b, fb))
 
 
 @_rule("dynamic_slice")
 def _dynamic_slice(ctx, eqn, invals):
+  """As `slice`, with the start indices of `w`'s axes (the rank axis starts at 0)."""
   lv, *starts = invals
   if any(_is_lv(x) for x in starts):
     return None
   sizes = tuple(eqn.params["slice_sizes"])
-  s = lv.stack
-  if s == 0 or any(sizes[i] != lv.w.shape[i] for i in range(s, lv.w.ndim)):
-    return None
-  cut = lambda arr: lax.dynamic_slice(arr, list(starts[:s]) + [0] * (arr.ndim - s),
-                                      sizes[:s] + tuple(arr.shape[s:]))
-  return lv.replace(w=_bind(eqn, [lv.w, *starts]), a=cut(lv.a), b=cut(lv.b))
+
+  def cut(arr, axes):
+    return lax.dynamic_slice(arr, [0 if k is None else starts[k] for k in axes],
+                             [n if k is None else sizes[k] for k, n in zip(axes, arr.shape)])
+
+  fa, fb = _factor_axes(lv)
+  return lv.replace(w=_bind(eqn, [lv.w, *starts]), a=cut(lv.a, fa), b=cut(lv.b, fb))
 
 
 @_rule("gather")
@@ -581,24 +594,59 @@ def _gather(ctx, eqn, invals):
 
 @_rule("conv_general_dilated")
 def _conv(ctx, eqn, invals):
-  """conv(x, W) + s·(conv(x, A) then B over features): `b` must span exactly the
-  kernel's output-feature axis (the Keras layout of a Flax/Keras conv kernel)."""
+  """A convolution with a kernel whose `a` or `b` spans one feature axis alone.
+
+  That factor acts pointwise on the features, the other is a conv kernel with r
+  features in its place: `conv(x, A)·B` when `b` spans the output features (the
+  Keras layout), `conv(x·A, B)` when `a` spans the input features (fan-in), and
+  the same with the roles of `a` and `b` swapped (the kernel as a backward pass
+  uses it: feature axes exchanged). The rank-wide intermediate carries the scale
+  and the name "jlora_xa". Other layouts and grouped convolutions materialize.
+  """
   x, lv = invals
   p = eqn.params
   if _is_lv(x) or lv.stack or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
     return None
   dn = p["dimension_numbers"]
-  out_axis, feat_axis = dn.rhs_spec[0], dn.out_spec[1]
-  if lv.b_axes != (out_axis,):
+  out_axis, in_axis = dn.rhs_spec[0], dn.rhs_spec[1]
+  x_feat, y_feat = dn.lhs_spec[1], dn.out_spec[1]
+  cdt = lv.w.dtype
+  a, b = lv.a.astype(cdt), lv.b.astype(cdt)
+  # (the factor spanning one feature axis as a (features, r) matrix, the other as a kernel)
+  if lv.b_axes == (out_axis,):
+    conv_first, mat, kernel = True, b.T, jnp.moveaxis(a, -1, out_axis)
+  elif lv.a_axes == (out_axis,):
+    conv_first, mat, kernel = True, a, jnp.moveaxis(b, 0, out_axis)
+  elif lv.a_axes == (in_axis,):
+    conv_first, mat, kernel = False, a, jnp.moveaxis(b, 0, in_axis)
+  elif lv.b_axes == (in_axis,):
+    conv_first, mat, kernel = False, b.T, jnp.moveaxis(a, -1, in_axis)
+  else:
     return None
   base = _bind(eqn, [x, lv.w])
-  a = jnp.moveaxis(lv.a, -1, out_axis).astype(lv.w.dtype)  # a conv kernel with r outputs
-  z = _bind(eqn, [x, a])
+  pointwise = lambda u, m, ax: jnp.moveaxis(
+      jnp.einsum("...f,fr->...r", jnp.moveaxis(u, ax, -1), m, precision=p["precision"],
+                 preferred_element_type=p["preferred_element_type"]), -1, ax)
+  z = _bind(eqn, [x, kernel]) if conv_first else pointwise(x, mat, x_feat)
   if lv.scale != 1.0:
     z = z * jnp.asarray(lv.scale, z.dtype)
-  z = checkpoint_name(z, XA_NAME)
-  y = jnp.moveaxis(jnp.moveaxis(z, feat_axis, -1) @ lv.b.astype(z.dtype), -1, feat_axis)
+  z = checkpoint_name(z.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
+  y = pointwise(z, mat.T, y_feat) if conv_first else _bind(eqn, [z, kernel])
   return base + y.astype(base.dtype)
+
+
+@_rule("rev")
+def _rev(ctx, eqn, invals):
+  """Reversed axes (a conv's backward pass reverses the kernel's spatial axes): each axis
+  reversed in the factor that spans it (stack axes in both)."""
+  (lv,) = invals
+  s = lv.stack
+  dims = tuple(eqn.params["dimensions"])
+  stack = tuple(d for d in dims if d < s)
+  a_dims = stack + tuple(s + lv.a_axes.index(d - s) for d in dims if d - s in lv.a_axes)
+  b_dims = stack + tuple(s + 1 + lv.b_axes.index(d - s) for d in dims if d - s in lv.b_axes)
+  return lv.replace(w=_bind(eqn, [lv.w]), a=lax.rev(lv.a, a_dims) if a_dims else lv.a,
+                    b=lax.rev(lv.b, b_dims) if b_dims else lv.b)
 
 
 @_rule("pjit", "jit", "closed_call", "core_call")
