@@ -260,17 +260,20 @@ def test_a_killed_save_leaves_the_previous_checkpoint_restorable(tmp_path):
   _leaves_equal(r.tree, want)
 
 
-def test_interrupted_overwrite_is_recovered(tmp_path):
+def test_an_interrupted_commit_leaves_the_previous_save(tmp_path, monkeypatch):
   t = _lora(_params())
-  path = tmp_path / "c"
-  jlora_save(path, t, step=1)
-  # A crash between the two renames of an overwrite leaves only the old copy.
-  os.rename(path, tmp_path / "c.jlora-old-1234")
-  with pytest.raises(FileNotFoundError, match="c.jlora-old-1234"):
-    ckpt.restore(path)
-  mgr = ckpt.CheckpointManager(tmp_path)  # recovery is part of the manager's start-up
-  assert ckpt.restore(path).step == 1
-  del mgr
+  path = jlora_save(tmp_path / "c", t, step=1)
+
+  def killed(*a, **k):
+    raise KeyboardInterrupt  # as if the process stopped between writing and committing
+
+  monkeypatch.setattr(ckpt, "_commit", killed)
+  with pytest.raises(KeyboardInterrupt):
+    jlora_save(path, jax.tree.map(lambda x: x + 1.0, t), step=2, overwrite=True)
+  assert os.listdir(tmp_path) == ["c"]  # the temporary directory is gone
+  r = ckpt.restore(path, t)
+  assert r.step == 1
+  _leaves_equal(r.tree, t)
 
 
 def test_overwrite(tmp_path):
@@ -362,7 +365,7 @@ def test_missing_and_corrupt_files(tmp_path):
     ckpt.restore(tmp_path / "empty")
   t = _lora(_params())
   path = pathlib.Path(jlora_save(tmp_path / "c", t))
-  meta_file = path / "jlora" / "metadata"
+  meta_file = path / "jlora.json"
   good = meta_file.read_text()
   meta_file.write_text(good[:40])
   with pytest.raises(ValueError, match="metadata .* unreadable"):
@@ -373,7 +376,7 @@ def test_missing_and_corrupt_files(tmp_path):
   with pytest.raises(ValueError, match="format version 99"):
     ckpt.restore(path, t)
   meta_file.write_text(good)
-  for f in (path / "adapter").rglob("*"):
+  for f in (path / f"arrays-{meta['save_id']}" / "adapter").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(b"garbage" * 3)
   with pytest.raises(ValueError, match="could not read the arrays.*corrupt"):
@@ -384,7 +387,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 def test_bad_arguments(tmp_path):
   t = _lora(_params())
-  with pytest.raises(TypeError, match="step must be an int"):
+  with pytest.raises(TypeError, match="step must be a non-negative int"):
     jlora_save(tmp_path / "c", t, step=1.5)
   with pytest.raises(ValueError, match="appears twice"):
     ckpt._entries({"a": {"value": t["q_proj"]["kernel"]}, "a/value": t["v_proj"]["kernel"]})
@@ -472,13 +475,14 @@ def test_more_bad_input(tmp_path):
                  check_base=False)
   with pytest.raises(ValueError, match=r"the target has no jlora.Trainable leaf at \['head/k"):
     ckpt.restore(tmp_path / "h", {"head": {"kernel": jnp.ones((12, 3))}})
-  (tmp_path / "x" / "jlora").mkdir(parents=True)
-  (tmp_path / "x" / "jlora" / "metadata").write_text('{"format": "other"}')
+  (tmp_path / "x").mkdir()
+  (tmp_path / "x" / "jlora.json").write_text('{"format": "other"}')
   with pytest.raises(ValueError, match="not a jlora checkpoint .its metadata has no format"):
     ckpt.restore(tmp_path / "x")
-  (tmp_path / "tmp").mkdir()
-  with pytest.raises(FileExistsError, match="appeared while saving"):
-    ckpt._commit(str(tmp_path / "tmp"), str(tmp_path / "h"), False)
+  # A checkpoint that appeared at the path while saving is not replaced without overwrite.
+  (tmp_path / "tmp" / "arrays-x").mkdir(parents=True)
+  with pytest.raises(FileExistsError, match="'.*h' already exists. Pass overwrite=True"):
+    ckpt._commit(str(tmp_path / "tmp"), str(tmp_path / "h"), "x", False, "save")
   assert (tmp_path / "tmp").exists() and ckpt.restore(tmp_path / "h").step is None
 
 
@@ -488,8 +492,10 @@ def test_docstring_examples():
   assert res.failed == 0 and res.attempted >= 10
 
 
-def test_a_stale_temporary_directory_is_replaced(tmp_path):
-  stale = tmp_path / "c.jlora-tmp-0"
+def test_a_stale_temporary_directory_is_removed(tmp_path):
+  pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True).stdout)  # has ended
+  stale = tmp_path / f"c.jlora-tmp-{ckpt._host_tag()}-{pid}-{'a' * 12}"
   (stale / "junk").mkdir(parents=True)
   t = _lora(_params())
   jlora_save(tmp_path / "c", t, step=4)
