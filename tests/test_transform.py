@@ -126,7 +126,8 @@ def test_dense_general_attention(layout):
   m = DGAttention()
   x = x3()
   p = m.init(KEY, x)["params"]
-  t = randomize_b(jlora.apply(p, rank=2, targets="all-linear", layout=layout, in_axes=IN_AXES_DG))
+  t = randomize_b(jlora.apply(p, rank=2, targets="all-linear", layout=layout,
+                              in_axes=IN_AXES_DG if layout == "fan" else None))
   assert_equivalent(params_apply(m), t, x)
 
 
@@ -136,7 +137,7 @@ def test_einsum_attention(layout):
   x = x3()
   p = m.init(KEY, x)["params"]
   t = randomize_b(jlora.apply(p, rank=2, targets="all-linear", layout=layout,
-                              in_axes=IN_AXES_EINSUM))
+                              in_axes=IN_AXES_EINSUM if layout == "fan" else None))
   q = t["query"]["kernel"]
   if layout == "keras":  # per-head a, as Keras's EinsumDense
     assert q.a.shape == (4, 16, 2) and q.b.shape == (2, 6)

@@ -262,3 +262,13 @@ def test_all_linear_keeps_bert_output_dense_and_trainable_wins_over_preset():
   assert not isinstance(t["lm_head"]["kernel"], jlora.LoRA)
   assert not isinstance(t["output"]["kernel"], jlora.LoRA)
   assert isinstance(t["classifier"]["kernel"], jlora.Trainable)
+
+
+def test_merge_donating_a_tree_with_tied_frozen_weights():
+  w = _rand((8, 6), 3)
+  emb = _rand((6, 8), 4)
+  tree = jlora.apply({"q_proj": w, "embed": emb, "head": emb}, rank=2, targets="q_proj")
+  want = jlora.merge(tree)
+  got = jlora.merge(tree, donate=True)  # "head" and "embed" are one buffer: donated once
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))

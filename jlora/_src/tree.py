@@ -167,7 +167,23 @@ def merge(tree: Any, *, donate: bool = False) -> Any:
     >>> bool((jlora.merge(t)["q_proj"] == 1).all())  # b == 0 at init
     True
   """
-  return _merge_jit_donate(*split(tree)) if donate else _merge_jit(tree)
+  if not donate:
+    return _merge_jit(tree)
+  trainable, frozen = split(tree)
+  return _merge_jit_donate(trainable, _distinct_buffers(frozen))
+
+
+def _distinct_buffers(frozen: Any) -> Any:
+  """`frozen` with a copy of every array that repeats (a tied weight at two paths): a buffer
+  can be donated once only. The first occurrence is donated, the repeat's copy is not kept."""
+  leaves, treedef = jax.tree_util.tree_flatten(frozen)
+  seen, out = set(), []
+  for x in leaves:
+    if isinstance(x, jax.Array) and id(x) in seen:
+      x = jax.device_put(x, x.sharding, may_alias=False)
+    seen.add(id(x))
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def base(tree: Any) -> Any:
