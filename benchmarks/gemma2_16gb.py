@@ -48,7 +48,7 @@ def one(batch: int, seq: int, rank: int, steps: int, rounds: int) -> dict:
 
   import jlora
   import jlora.keras as jk
-  from jlora.models import gemma
+  from recipes.models import gemma
 
   row = dict(batch=batch, seq=seq, rank=rank, jax=jax.__version__, keras=keras.__version__,
              keras_hub=keras_hub.__version__, device=str(jax.devices()[0].device_kind),

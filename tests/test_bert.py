@@ -1,4 +1,4 @@
-"""jlora.models.bert: the encoder against a NumPy reference, the loader, the real MiniLM."""
+"""recipes.models.bert: the encoder against a NumPy reference, the loader, the real MiniLM."""
 
 import doctest
 import json
@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import jlora
-from jlora.models import bert
+from recipes.models import bert
 from tests.helpers import rand, random_params
 
 

@@ -2,7 +2,7 @@
 
 The modules are listed explicitly (a module that fails to import fails the
 test; nothing is skipped). Modules that import Keras or Flax (jlora.keras,
-jlora.models.llama, jlora.models.bert) run their examples in their own test files.
+recipes.models.llama, recipes.models.bert) run their examples in their own test files.
 """
 
 import doctest
@@ -21,7 +21,7 @@ MODULES = [
     "jlora._src.sharding",
     "jlora._src.checkpoint",
     "jlora._src.peft",
-    "jlora.models.gemma",
+    "recipes.models.gemma",
 ]
 
 

@@ -162,9 +162,9 @@ def test_tied_head_with_the_embedding_adapted():
 
 
 def test_tied_llama_gradient_temp_memory_near_the_merged_one():
-  """`jlora.models.llama` with tied embeddings and `embed_tokens` adapted (the issue: 2.7 MB
+  """`recipes.models.llama` with tied embeddings and `embed_tokens` adapted (the issue: 2.7 MB
   merged, 203.8 MB factored): the factored gradient's temporaries stay within 2x merged."""
-  from jlora.models import llama
+  from recipes.models import llama
   cfg = llama.LlamaConfig.tiny(vocab_size=512, num_layers=1)
   model = llama.Llama(cfg)
   tokens = jnp.asarray(np.random.default_rng(12).integers(0, 512, (2, 32)), jnp.int32)

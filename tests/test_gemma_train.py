@@ -1,4 +1,4 @@
-"""The Gemma notebook's training pieces (jlora.models.gemma): the chunked tied-head loss and the
+"""The Gemma notebook's training pieces (recipes.models.gemma): the chunked tied-head loss and the
 SentencePiece batch layout. The loss must equal the full-logit loss, gradients included, and
 its step must never hold float32 logits for the whole batch."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora.models import gemma
+from recipes.models import gemma
 from tests.helpers import iter_eqns
 
 

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 import jlora  # noqa: E402
 import jlora.keras as jk  # noqa: E402
-from jlora.models import gemma  # noqa: E402
+from recipes.models import gemma  # noqa: E402
 
 
 import keras  # noqa: E402
@@ -208,7 +208,7 @@ class Block:
       raise ImportError(f"blocked: {name}")
 sys.meta_path.insert(0, Block())
 import jlora, jlora.keras as jk
-from jlora.models import gemma
+from recipes.models import gemma
 assert "keras" not in sys.modules
 try:
   jk.params(None)

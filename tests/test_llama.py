@@ -1,4 +1,4 @@
-"""jlora.models.llama: the decoder against a NumPy reference, the loaders, and the real SmolLM2."""
+"""recipes.models.llama: the decoder against a NumPy reference, the loaders, and the real SmolLM2."""
 
 import dataclasses
 import doctest
@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import jlora
-from jlora.models import llama
+from recipes.models import llama
 from tests.helpers import rand, random_params
 
 PLAIN_ENGLISH = (

@@ -325,7 +325,7 @@ def hf():
 
 
 def _hf_to_params(sd):
-  """HF Llama state dict -> the jlora.models.llama tree (kernels (in, out), layers stacked)."""
+  """HF Llama state dict -> the recipes.models.llama tree (kernels (in, out), layers stacked)."""
   lay = lambda n: np.stack([sd[f"model.layers.{i}.{n}.weight"] for i in range(L)])
   layers = {grp: {m: {"kernel": jnp.asarray(lay(f"{grp}.{m}").transpose(0, 2, 1))} for m in mods}
             for grp, mods in PROJ.items()}
@@ -350,9 +350,9 @@ def _logits(model, tokens):
 
 
 def _flax_logits(cfg, params, tokens):
-  """Logits of jlora.models.llama, when that model is available; else None."""
+  """Logits of recipes.models.llama, when that model is available; else None."""
   try:
-    from jlora.models import llama
+    from recipes.models import llama
   except ImportError:
     return None
   c = llama.LlamaConfig.from_hf(cfg.to_dict())

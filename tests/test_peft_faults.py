@@ -1,7 +1,7 @@
 """PEFT interop faults (issue 15): adapters whose weights jlora would read differently from PEFT.
 
 Every adapter here is written by hand (adapter_config.json + adapter_model.safetensors) against a
-tiny random tree laid out like `jlora.models.llama`, so no torch is needed. An adapter either
+tiny random tree laid out like `recipes.models.llama`, so no torch is needed. An adapter either
 imports with the weights PEFT gives it, or is refused with a message naming the fix.
 """
 

@@ -60,7 +60,7 @@ def test_tweets_lora_beats_frozen_encoder():
 
 
 def test_factored_and_merged_forward_agree():
-  from jlora.models import llama
+  from recipes.models import llama
   cfg = llama.LlamaConfig.tiny()
   model = llama.Llama(cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)

@@ -66,7 +66,7 @@ def test_partition_specs_of_abstract_llama_and_gemma_trees():
   import jlora
   from jax.sharding import PartitionSpec as P
   from jlora._src.sharding import partition_specs, path_specs
-  from jlora.models import gemma, llama
+  from recipes.models import gemma, llama
   cfg = llama.LlamaConfig.tiny()
   tok = jax.ShapeDtypeStruct((1, 4), np.int32)
   shapes = jax.eval_shape(lambda t: llama.Llama(cfg).init(jax.random.key(0), t), tok)["params"]
@@ -232,7 +232,7 @@ def _worker() -> dict:
 
   import jlora
   from jlora._src import sharding as S
-  from jlora.models import llama
+  from recipes.models import llama
 
   out: dict = {"devices": jax.device_count()}
   spec_list = lambda s: list(tuple(s))

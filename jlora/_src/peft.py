@@ -11,7 +11,7 @@ A *key map* ties jlora paths to Hugging Face tensor names. It is a callable
   `(in, out)`;
 * None means the leaf has no Hugging Face counterpart.
 
-`llama_key_map` is the map of `jlora.models.llama` (and of any Flax tree laid
+`llama_key_map` is the map of `recipes.models.llama` (and of any Flax tree laid
 out the same way). PEFT adapters hold, per adapted `nn.Linear` module `m`,
 `base_model.model.{m}.lora_A.weight` of shape `(r, in)` and
 `base_model.model.{m}.lora_B.weight` of shape `(out, r)`, with the update
@@ -53,7 +53,7 @@ _LEAF_NAMES = {"kernel": ("weight", True), "embedding": ("weight", False),
 def llama_key_map(path: str) -> tuple[str, bool] | None:
   """The Hugging Face name of a leaf of a Llama-family Flax tree.
 
-  Covers the tree of `jlora.models.llama` (layers stacked on a leading axis)
+  Covers the tree of `recipes.models.llama` (layers stacked on a leading axis)
   and the same layout with one dict per layer (`layers/0/...`): `kernel`
   becomes the transposed `weight`, `embedding` and `scale` become `weight`,
   everything under `model.` except `lm_head`.

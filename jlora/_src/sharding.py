@@ -555,7 +555,7 @@ def abstract(tree: Any, shardings: Any) -> Any:
 def path_specs(tree: Any, rules: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> Any:
   """Partition specs chosen by regular expressions on '/'-joined key paths.
 
-  For models without sharding metadata (such as `jlora.models.llama`): the
+  For models without sharding metadata (such as `recipes.models.llama`): the
   first rule whose pattern is found in a leaf's path gives its spec; leaves no
   rule matches are replicated. The result serves as `base=` for
   `jlora.partition_specs`/`jlora.shardings`, or, wrapped in `NamedSharding`s,

@@ -48,7 +48,7 @@ GGUF loading dequantizes every tensor (e.g. Q4_1, Q8_0) to float32 with the
 Example (a tiny random model; the real ones come from `from_gguf`):
 
   >>> import jax, jax.numpy as jnp
-  >>> from jlora.models import llama
+  >>> from recipes.models import llama
   >>> cfg = llama.LlamaConfig.tiny()
   >>> model = llama.Llama(cfg)
   >>> tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)

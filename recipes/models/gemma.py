@@ -9,7 +9,7 @@ Keras creates them — out of `jax.ShapeDtypeStruct` leaves, so counting the
 parameters of a 27B model allocates nothing:
 
 >>> import jax, jlora
->>> from jlora.models import gemma
+>>> from recipes.models import gemma
 >>> shapes = gemma.abstract_params("gemma2_2b_en")
 >>> shapes["decoder_block_0/attention/query/kernel"].shape
 (8, 2304, 256)

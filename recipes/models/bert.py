@@ -21,7 +21,7 @@ pooling is used instead, as sentence-transformers does).
 Example (a tiny random encoder; `from_safetensors` loads real ones):
 
   >>> import jax, jax.numpy as jnp
-  >>> from jlora.models import bert
+  >>> from recipes.models import bert
   >>> cfg = bert.BertConfig.tiny()
   >>> ids = jax.random.randint(jax.random.key(0), (2, 6), 1, cfg.vocab_size)
   >>> mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])

@@ -2,10 +2,10 @@
 
 Import the submodules explicitly; this package imports nothing heavy:
 
-* `jlora.models.llama`: a Llama-family decoder (GQA, RoPE, RMSNorm, SwiGLU),
+* `recipes.models.llama`: a Llama-family decoder (GQA, RoPE, RMSNorm, SwiGLU),
   loaders for GGUF and Hugging Face safetensors, a GGUF tokenizer, ChatML and
   greedy generation.
-* `jlora.models.bert`: a BERT encoder (MiniLM and friends) with a safetensors
+* `recipes.models.bert`: a BERT encoder (MiniLM and friends) with a safetensors
   loader and mean pooling.
 """
 
