@@ -2,34 +2,38 @@
 
 Usage (from the repository root):
 
-  python benchmarks/gemma2_lora_gpu.py CONFIG [--layers unstacked] [--remat names] [--chunk 4096] [--steps 8]
-      [--rounds 3] [--warmup 3] [--long-round 20] [--profile --profile-out prof.jsonl] [--out results.jsonl]
-      [--loss-math exp|pallas|tanh] [--fold auto|bytes|never|always] [--rope-autodiff] [--tag TAG] [--tiny]
+  python benchmarks/gemma2_lora_gpu.py CONFIG [--remat wide_mid_xa] [--loss-math pallas] [--chunk 4096]
+      [--layers unstacked] [--fold auto|bytes|never|always] [--rope-autodiff] [--tag TAG]
+      [--long-round 20] [--xla-analysis] [--profile --profile-out prof.jsonl --hlo-out hlo.txt.gz]
+      [--warmup 3 --steps 8 --rounds 3] [--out results.jsonl] [--tiny]
   python benchmarks/gemma2_lora_gpu.py peak      # the bf16 matmul rate, for MFU
 
 CONFIG is one of:
-  qv4          r=4 on q_proj, v_proj (the seed's targets), factored through jlora.lora
+  qv4          r=4 on q_proj, v_proj (jlora.apply's default targets), factored through jlora.lora
   all16        r=16 on all seven projections ("all-linear"), factored
   qv4_merge    r=4 q,v, the merge path: the loss runs on jlora.merge(tree)
   all16_merge  r=16 all-linear, merge path
   full         full fine-tune (plain optax.adamw on the bf16 weights, no jlora)
 
-The model is benchmarks/gemma2_model.py (random init, bf16, batch 8 x 1024, the
-fused chunked cross-entropy, cuDNN flash attention without the attention-logit
-soft-cap), with 26 separate blocks by default (`--layers unstacked`; `scan`
-stacks them for one `lax.scan`). LoRA configurations go through the public API
-only: `jlora.apply(params, rank, targets=...)` (plus `stacked=r"^layers/"` for
-the stacked layouts), `jlora.lora(loss)` and
-`jlora.train_step(loss, optax.adamw(...))` (which wraps the optimizer in
-`jlora.optimizer`). Each run prints one JSON row (tokens/s,
-peak device memory, MFU, compile time, XLA's memory analysis) and appends it to
-`--out`. Peak memory is the device allocator's `peak_bytes_in_use`, so run each
-configuration in its own process (benchmarks/run_gpu.sh does).
+The model is benchmarks/gemma2_model.py: random init, bf16, batch 8 x 1024, cuDNN
+flash attention without the attention-logit soft-cap, 26 separate blocks
+(`--layers scan` stacks them for one `nn.scan`). The defaults are the table's
+configuration: remat `wide_mid_xa`, RoPE's gradient as one rotation, and the fused
+chunked soft-cap cross-entropy with its terms in one Pallas pass; `--chunk 0` is
+the plain loss (full float32 logits, `log_softmax`), `--rope-autodiff` autodiff's
+RoPE gradient, `--remat` the other policies (gemma2_model.REMAT_POLICIES).
 
-MFU uses the baselines' FLOP model: 4 x (matmul parameters, tied head counted
-once) per token for LoRA (forward + activation gradients) plus attention
-3 x 4 x seq x heads x head_dim x layers; the full fine-tune row also reports
-`mfu_6n` with 6 x parameters.
+LoRA configurations go through the public API only: `jlora.apply(params, rank,
+targets=...)` (plus `stacked=r"^layers/"` for the stacked layouts), `jlora.lora(loss)`
+and `jlora.train_step(loss, optax.adamw(1e-4))`. Timing is bench_common's (the
+baselines' too): 3 warm-up steps, 3 rounds of 8 steps between synchronizations, the
+median round. Each run prints one JSON row (tokens/s, peak device memory, MFU) and
+appends it to `--out`. Peak memory is the device allocator's `peak_bytes_in_use`, so
+run each configuration in its own process (benchmarks/run_gpu.sh does).
+
+MFU uses bench_common's FLOP model: 4 x (matmul parameters, tied head counted once)
+per token plus attention 3 x 4 x seq x heads x head_dim x layers; the full fine-tune
+row also reports `mfu_6n` with 6 x parameters.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import dataclasses
 import functools
 import glob
 import gzip
+import inspect
 import json
 import os
 import statistics
@@ -54,10 +59,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jlora  # noqa: E402
-from jlora._src import transform as jlora_transform  # noqa: E402  (--fold: A/B of an internal rule)
+import bench_common as C  # noqa: E402
 import gemma2_model as G  # noqa: E402
 
-PEAK_FLOPS = float(os.environ.get("PEAK_TFLOPS", "779")) * 1e12
+PEAK_FLOPS = C.PEAK_TFLOPS * 1e12
 CONFIGS = {
     "qv4": dict(rank=4, targets=None, mode="fact"),
     "all16": dict(rank=16, targets="all-linear", mode="fact"),
@@ -72,8 +77,20 @@ def flops_per_token(cfg: G.Gemma2Config, seq: int, full: bool = False) -> float:
   return (6 if full else 4) * cfg.matmul_params + 3 * attn
 
 
-def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4):
-  """Returns `(step, state, trainable_count)`; `step(state, ids) -> (state, loss)`."""
+def _lora(fn, fold: str):
+  """`jlora.lora(fn, fold=fold)`; a jlora without that argument has the module switch."""
+  if "fold" in inspect.signature(jlora.lora).parameters:
+    return jlora.lora(fn, fold=fold)
+  from jlora._src import transform  # noqa: PLC0415  (older jlora: an internal A/B switch)
+  transform._FOLD = fold
+  return jlora.lora(fn)
+
+
+def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4, fold: str = "auto"):
+  """Returns `(step, state, trainable_count, jitted)`; `step(state, ids) -> (state, loss)`.
+
+  `fold` is `jlora.lora`'s (the factored configurations only).
+  """
   model = G.Gemma2(cfg)
 
   def model_loss(p, ids):
@@ -101,7 +118,7 @@ def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4):
   stacked = None if cfg.layers == "unstacked" else r"^layers/"
   tree = jlora.apply(params, rank=spec["rank"], targets=spec["targets"], stacked=stacked)
   if spec["mode"] == "fact":
-    loss_fn = jlora.lora(model_loss)
+    loss_fn = _lora(model_loss, fold)
   else:  # the merge path: w + s*a@b formed in the step, the model sees plain weights
     loss_fn = lambda tree, ids: model_loss(jlora.merge(tree), ids)
   train = jlora.train_step(loss_fn, tx)
@@ -115,9 +132,8 @@ def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4):
   return step, (tree, opt_state), jlora.count(tree).trainable, train
 
 
-def measure_peak() -> dict:
-  """bf16 8192^3 matmul rate on random data (median of 5 timings of 10 products)."""
-  n = 8192
+def measure_peak(n: int = 8192) -> dict:
+  """bf16 n^3 matmul rate on random data (median of 5 timings of 10 products)."""
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (n, n), jnp.bfloat16)
   b = jax.random.normal(k2, (n, n), jnp.bfloat16)
@@ -132,7 +148,8 @@ def measure_peak() -> dict:
     c.block_until_ready()
     ts.append((time.perf_counter() - t0) / 10)
   dt = statistics.median(ts)
-  return dict(name="peak_bf16_matmul", tflops=round(2 * n ** 3 / dt / 1e12, 1))
+  return dict(suite="jlora", name="peak_bf16_matmul", n=n, tflops=round(2 * n ** 3 / dt / 1e12, 1),
+              device=jax.devices()[0].device_kind)
 
 
 def _kernel_category(name: str) -> str:
@@ -190,44 +207,57 @@ def summarize_trace(log_dir: str, steps: int = 2, top: int = 80) -> dict:
       sample_args={f"{k[0][:60]}|{k[1]}": sample_args[k] for k, _ in by.most_common(5)})
 
 
+def _xla_analysis(row: dict, jitted, state, ids, hlo_out: str) -> None:
+  """Adds XLA's memory and cost analysis of the compiled step to `row` (and writes its HLO)."""
+  try:  # served from the persistent compilation cache, where one is set (run_gpu.sh does)
+    compiled = jitted.lower(*state, ids).compile()
+    ma = compiled.memory_analysis()
+    row["xla_memory_gib"] = {k: round(getattr(ma, k + "_in_bytes") / 2 ** 30, 2)
+                             for k in ("argument_size", "output_size", "alias_size", "temp_size")}
+    if hlo_out:
+      with gzip.open(hlo_out, "wt") as f:
+        f.write(compiled.as_text())
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    row["xla_tflop_per_step"] = round(float(ca.get("flops", 0.0)) / 1e12, 2)
+  except Exception as e:  # informational only
+    row["xla_analysis_error"] = repr(e)[:200]
+
+
 def run(args) -> dict:
   spec = CONFIGS[args.config]
+  batch, seq = C.batch_seq(args)
   if args.tiny:
     cfg = G.tiny_config(remat=args.remat, loss_chunk=min(args.chunk, 16),
                         attention=args.attention or "xla")
-    batch, seq = 2, 32
   else:
     cfg = G.Gemma2Config(remat=args.remat, loss_chunk=args.chunk,
                          attention=args.attention or "cudnn")
-    batch, seq = args.batch, args.seq
   cfg = dataclasses.replace(cfg, layers=args.layers, scan_unroll=args.scan_unroll,
                             loss_math=args.loss_math, rope_vjp=not args.rope_autodiff)
-  jlora_transform._FOLD = args.fold
   if args.logits_f32:
     cfg = dataclasses.replace(cfg, logits_dtype=jnp.float32)
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  params = jax.jit(G.init_params, static_argnums=0)(cfg, key)
+  # Eagerly: one small program per array shape. One jitted program for all ~290 arrays
+  # took 70-100 s to compile on the H200 (runs 9-16), in the first process of each call.
+  params = G.init_params(cfg, key)
   ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
-  step, state, ntrain, jitted = build_step(cfg, spec, params)
+  step, state, ntrain, jitted = build_step(cfg, spec, params, fold=args.fold)
   del params
+  jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  state, loss = step(state, ids)
-  loss.block_until_ready()
-  compile_s = time.perf_counter() - t0
-  for _ in range(args.warmup - 1):
-    state, loss = step(state, ids)
-  loss.block_until_ready()
-  rounds = []
-  for _ in range(args.rounds):
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-      state, loss = step(state, ids)
-    loss.block_until_ready()
-    rounds.append((time.perf_counter() - t0) / args.steps)
-  dt = statistics.median(rounds)
+  box = [state]
+
+  def one_step():
+    box[0], loss = step(box[0], ids)
+    return loss
+
+  timing = C.time_steps(one_step, lambda l: l.block_until_ready(), warmup=args.warmup,
+                        steps=args.steps, rounds=args.rounds)
+  state, loss = box[0], timing["last"]
+  dt = timing["step_s"]
   tok_s = batch * seq / dt
   long_round = None
   if args.long_round:
@@ -244,31 +274,22 @@ def run(args) -> dict:
       layers=cfg.layers, scan_unroll=cfg.scan_unroll,
       loss_chunk=cfg.loss_chunk, logits_dtype=jnp.dtype(cfg.logits_dtype).name,
       loss_math=cfg.loss_math, fold=args.fold, rope_vjp=cfg.rope_vjp,
-      batch=batch, seq=seq, trainable=int(ntrain), step_s=round(dt, 4),
-      step_s_rounds=[round(r, 4) for r in rounds], tokens_s=round(tok_s),
+      loss_kind=f"fused ({cfg.loss_math})" if cfg.loss_chunk else "plain (full float32 logits)",
+      batch=batch, seq=seq, trainable=int(ntrain), step_s=dt,
+      step_s_rounds=timing["step_s_rounds"], tokens_s=round(tok_s),
       peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
       mfu=round(tok_s * flops_per_token(cfg, seq) / PEAK_FLOPS, 3),
-      compile_s=round(compile_s, 1), init_s=round(init_s, 1), loss=round(float(loss), 4),
-      jax=jax.__version__, device=jax.devices()[0].device_kind,
+      compile_s=timing["compile_s"], init_s=round(init_s, 1),
+      loss_first=round(float(timing["first"]), 4), loss=round(float(loss), 4),
+      tiny=bool(args.tiny), jax=jax.__version__, device=jax.devices()[0].device_kind,
       xla_flags=os.environ.get("XLA_FLAGS", ""))
   if long_round:
     row["long_round"] = dict(steps=args.long_round, step_s=round(long_round, 4),
                              tokens_s=round(batch * seq / long_round))
   if full:
     row["mfu_6n"] = round(tok_s * flops_per_token(cfg, seq, full=True) / PEAK_FLOPS, 3)
-  try:  # served from the compilation cache: the step was just compiled
-    compiled = jitted.lower(*state, ids).compile()
-    ma = compiled.memory_analysis()
-    row["xla_memory_gib"] = {k: round(getattr(ma, k + "_in_bytes") / 2 ** 30, 2)
-                             for k in ("argument_size", "output_size", "alias_size", "temp_size")}
-    if args.hlo_out:
-      with gzip.open(args.hlo_out, "wt") as f:
-        f.write(compiled.as_text())
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    row["xla_tflop_per_step"] = round(float(ca.get("flops", 0.0)) / 1e12, 2)
-  except Exception as e:  # informational only
-    row["xla_analysis_error"] = repr(e)[:200]
+  if args.xla_analysis or args.hlo_out:
+    _xla_analysis(row, jitted, state, ids, args.hlo_out)
   if args.profile:
     try:
       log_dir = f"/tmp/jlora_trace_{args.config}_{os.getpid()}"
@@ -289,45 +310,37 @@ def run(args) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("config", choices=sorted(CONFIGS) + ["peak"])
-  p.add_argument("--remat", default="names", choices=G.REMAT_POLICIES)
-  p.add_argument("--chunk", type=int, default=4096, help="loss tokens per chunk; 0 = full logits")
+  p.add_argument("--remat", default="wide_mid_xa", choices=G.REMAT_POLICIES)
+  p.add_argument("--chunk", type=int, default=4096,
+                 help="loss tokens per chunk of the fused loss; 0: the plain loss (full logits)")
+  p.add_argument("--loss-math", default="pallas", choices=G.LOSS_MATH,
+                 help="the fused loss's soft-cap terms in one Pallas pass (default), through "
+                      "exp/rsqrt in two XLA passes, or through tanh/divisions")
+  p.add_argument("--rope-autodiff", action="store_true",
+                 help="RoPE's gradient by autodiff instead of one inverse rotation (A/B)")
   p.add_argument("--attention", default=None, choices=G.ATTENTIONS)
   p.add_argument("--layers", default="unstacked", choices=G.LAYERS,
                  help="separate per-layer blocks (default), stacked blocks in one lax.scan, or a "
                       "Python loop over the stacked weights")
   p.add_argument("--scan-unroll", type=int, default=1, help="nn.scan's unroll (--layers scan)")
-  p.add_argument("--hlo-out", default="", help="write the compiled step's HLO text here (.gz)")
   p.add_argument("--logits-f32", action="store_true", help="write the head matmul in float32")
-  p.add_argument("--loss-math", default="exp", choices=G.LOSS_MATH,
-                 help="the soft-capped loss terms through exp/rsqrt in two XLA passes (default), "
-                      "in one Pallas pass, or through tanh/divisions")
   p.add_argument("--fold", default="auto", choices=("auto", "bytes", "never", "always"),
                  help="jlora.lora's fold of x·W + t·B into one matmul [x, t]·[W; B]: by its "
                       "rule (auto: GPU, N >= 2K), by the byte count alone (4MN > 2MK + 2KN), "
                       "never, or wherever the layout allows")
-  p.add_argument("--rope-autodiff", action="store_true",
-                 help="RoPE's gradient by autodiff instead of one inverse rotation (A/B)")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=1024)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--steps", type=int, default=8,
-                 help="steps per timed round (8, as the three baselines time)")
   p.add_argument("--long-round", type=int, default=0,
                  help="also time one round of this many steps (steady state), reported apart")
-  p.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported")
+  p.add_argument("--xla-analysis", action="store_true",
+                 help="add XLA's memory and FLOP analysis of the compiled step to the row")
+  p.add_argument("--hlo-out", default="", help="write the compiled step's HLO text here (.gz)")
   p.add_argument("--profile", action="store_true", help="trace 2 more steps, summarize kernels")
   p.add_argument("--profile-out", default="", help="append the kernel summary (JSON) here")
-  p.add_argument("--tag", default="")
-  p.add_argument("--out", default="")
-  p.add_argument("--tiny", action="store_true", help="a CPU-sized model (for tests)")
+  p.add_argument("--tag", default="", help="appended to the row's name")
+  C.add_args(p)
   args = p.parse_args(argv)
   print("jax", jax.__version__, jax.devices(), flush=True)
-  row = measure_peak() if args.config == "peak" else run(args)
-  print(json.dumps(row), flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(json.dumps(row) + "\n")
-  return row
+  row = measure_peak(256 if args.tiny else 8192) if args.config == "peak" else run(args)
+  return C.emit(row, args.out)
 
 
 if __name__ == "__main__":

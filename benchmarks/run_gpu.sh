@@ -1,59 +1,76 @@
 #!/usr/bin/env bash
-# One-command GPU benchmark: jlora's Gemma-2-2B configurations and the three baselines,
-# each configuration in its own process (so each peak memory is its own), sequentially.
+# The GPU benchmark in one command: jlora on a Gemma-2-2B-shaped model against PEFT, keras-hub and
+# a hand-written JAX step, each configuration in its own process (so each peak memory is its own).
 #
-# Usage, from the repository root on the GPU machine:
-#   bash benchmarks/run_gpu.sh final     # the comparison: jlora q,v and all-linear, PEFT
-#                                        # (torch.compile + sdpa), keras-hub and the hand-written
-#                                        # JAX step, all in one call
-#   bash benchmarks/run_gpu.sh jlora     # more jlora rows: merge path, full fine-tune, remat and
-#                                        # loss variants, the scan layout
-#   bash benchmarks/run_gpu.sh explore   # layer layouts and XLA options, with kernel profiles and
-#                                        # the compiled HLO
-#   bash benchmarks/run_gpu.sh tune      # the two final configurations with profiles, and A/B
-#                                        # rows: loss formulation, jlora's fold, remat policies
-#   bash benchmarks/run_gpu.sh loss      # the loss formulations side by side on q,v
-#   bash benchmarks/run_gpu.sh probe     # the loss kernel's tiles (softcap_kernel_bench.py), q,v
-#                                        # profiled with its HLO, fold and GEMM-emitter A/B rows
-#   bash benchmarks/run_gpu.sh ab        # A/B rows: RoPE's gradient, remat policies, fold rule
-#   bash benchmarks/run_gpu.sh all       # final, then jlora
+# Usage, from the repository root of a clone on a one-GPU machine (benchmarks/README.md):
+#   bash benchmarks/run_gpu.sh table        # the comparison: jlora r=4 q,v and r=16 all-linear, PEFT
+#                                           # (torch.compile + sdpa), keras-hub (enable_lora) and the
+#                                           # hand-written JAX step in both (about 520 s on an H200)
+#   bash benchmarks/run_gpu.sh attribution  # jlora's benchmark model, one change at a time: the merge
+#                                           # path, the plain loss, autodiff's RoPE gradient, XLA's
+#                                           # dots remat policy (about 250 s)
+#   bash benchmarks/run_gpu.sh ablations    # more same-model rows: remat policies, the loss
+#                                           # formulation, jlora's fold, the scan layout, the full
+#                                           # fine-tune, the matmul peak
+#   bash benchmarks/run_gpu.sh profile      # the loss kernel's tiles, and both configurations with
+#                                           # kernel profiles, XLA's memory analysis and the HLO
+#   bash benchmarks/run_gpu.sh check        # the same-model check on the CPU (four implementations,
+#                                           # one set of weights, one loss)
+# Add --tiny to any phase for a dry run on the CPU (tiny model, seconds per job):
+#   PY=.venv/bin/python bash benchmarks/run_gpu.sh table --tiny
 #
-# Expects the three baseline scripts (PEFT, keras-hub, hand-written JAX) in .bench/ and, for keras-hub,
-# the keras / keras-hub / namex / optree wheels in .whl/ (installed into /tmp/site).
-# Writes under $OUT (default runs/gpu): results.jsonl (one JSON row per configuration, tagged
-# with its suite), profiles.jsonl (kernel-time summaries), log_<phase>.txt (everything printed),
-# clocks_<phase>.csv (SM clock, power, temperature and throttle reasons every 250 ms).
-# A job that would not finish inside BUDGET seconds (default 570) is skipped and recorded as such.
-# benchmarks/README.md turns results.jsonl into the table (python benchmarks/gemma2_lora_gpu.py
-# is the jlora driver; see its docstring for the configurations and the FLOP model).
+# Needs the packages of benchmarks/requirements-gpu.txt. Where keras / keras-hub are not installed
+# (the workplace's GPU image), their wheels in .whl/ (benchmarks/fetch_wheels.sh) are installed into
+# /tmp/site for the keras-hub jobs only.
+# Writes under $OUT (default runs/gpu): results.jsonl (one JSON row per configuration, and one per
+# job with its exit status and wall time), table_<phase>.md (benchmarks/make_table.py's tables, for
+# table and attribution), versions.json, log_<phase>.txt (everything printed), clocks_<phase>.csv
+# (SM clock, power and throttle reasons every 250 ms), and for profile profiles.jsonl and the HLO.
+# A job that would not finish inside BUDGET seconds (default 570) is skipped and recorded as such;
+# the exit status is 1 when a job failed or a row of the table is missing.
 set -u
-PHASE=${1:-all}
+PHASE=${1:-table}
+TINY=0
+[ "${2:-}" = "--tiny" ] && TINY=1
 OUT=${OUT:-$PWD/runs/gpu}
-STATE=${STATE:-$PWD/.cache/gpustate}  # ignored: survives between calls on a warm machine
+STATE=${STATE:-$PWD/.cache/gpustate}  # ignored by git; survives between calls on a warm machine
 BUDGET=${BUDGET:-570}
 PY=${PY:-python3}
+WHEELS=${WHEELS:-.whl}
 START=$(date +%s)
 mkdir -p "$OUT" "$STATE"
 RES=$OUT/results.jsonl
 PROF=$OUT/profiles.jsonl
 LOG=$OUT/log_$PHASE.txt
+FAILED=0
 export PYTHONUNBUFFERED=1 PEAK_TFLOPS=${PEAK_TFLOPS:-779}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export JAX_COMPILATION_CACHE_DIR=$STATE/jaxcache
+ARGS=""
+PEFT_COMPILE="--compile"
+if (( TINY )); then
+  ARGS="--tiny"
+  export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""
+  # torch.compile on a 2-core CPU takes about a minute per job: TINY_COMPILE=1 includes it.
+  [ "${TINY_COMPILE:-0}" = 1 ] || PEFT_COMPILE=""
+  BUDGET=100000
+fi
 
 # The card's clocks, power and throttle reasons through the whole call (read-only queries).
-CLOCK_Q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active
-nvidia-smi --query-gpu=$CLOCK_Q --format=csv >/dev/null 2>&1 || CLOCK_Q=${CLOCK_Q%,*}
-nvidia-smi --query-gpu=$CLOCK_Q --format=csv -lms 250 > "$OUT/clocks_$PHASE.csv" 2>/dev/null &
-CLOCKS_PID=$!
-trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
+if (( ! TINY )) && command -v nvidia-smi >/dev/null; then
+  CLOCK_Q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active
+  nvidia-smi --query-gpu=$CLOCK_Q --format=csv >/dev/null 2>&1 || CLOCK_Q=${CLOCK_Q%,*}
+  nvidia-smi --query-gpu=$CLOCK_Q --format=csv -lms 250 > "$OUT/clocks_$PHASE.csv" 2>/dev/null &
+  CLOCKS_PID=$!
+  trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
+fi
 
-# Reads a process's output on stdin; every line that is a JSON object goes to $RES tagged
-# with the suite and the process label.
+# Reads a process's output on stdin; every line that is a JSON object goes to $RES, tagged
+# with the phase and the job's label.
 tag_json() {
   "$PY" -c '
 import json, sys
-suite, label, res = sys.argv[1:4]
+phase, label, res = sys.argv[1:4]
 with open(res, "a") as f:
   for line in sys.stdin:
     line = line.strip()
@@ -62,168 +79,153 @@ with open(res, "a") as f:
         row = json.loads(line)
       except ValueError:
         continue
-      row.setdefault("suite", suite)
-      row["process"] = label
+      row["phase"], row["job"] = phase, label
       f.write(json.dumps(row) + "\n")
 ' "$@"
 }
 
-# job EST_S LIMIT_S SUITE LABEL CMD...: run CMD unless it would overrun the budget.
+# job EST_S LIMIT_S LABEL CMD...: runs CMD unless it would overrun the budget.
 job() {
-  local est=$1 lim=$2 suite=$3 label=$4
-  shift 4
+  local est=$1 lim=$2 label=$3
+  shift 3
   local now=$(( $(date +%s) - START ))
   if (( now + est > BUDGET )); then
     echo "### SKIP $label: elapsed ${now}s + estimate ${est}s > budget ${BUDGET}s" | tee -a "$LOG"
-    echo "{\"suite\": \"$suite\", \"process\": \"$label\", \"skipped\": true}" >> "$RES"
+    echo "{\"phase\": \"$PHASE\", \"job\": \"$label\", \"skipped\": true}" >> "$RES"
     return
   fi
   echo "### RUN $label (elapsed ${now}s): $*" | tee -a "$LOG"
   local t0=$(date +%s)
-  timeout -k 10 "$lim" "$@" 2>&1 | tee -a "$LOG" | tag_json "$suite" "$label" "$RES"
+  timeout -k 10 "$lim" "$@" 2>&1 | tee -a "$LOG" | tag_json "$PHASE" "$label" "$RES"
   local rc=${PIPESTATUS[0]}
-  echo "### END $label rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a "$LOG"
-  if (( rc != 0 )); then
-    echo "{\"suite\": \"$suite\", \"process\": \"$label\", \"rc\": $rc}" >> "$RES"
-  fi
+  local wall=$(( $(date +%s) - t0 ))
+  echo "### END $label rc=$rc wall=${wall}s" | tee -a "$LOG"
+  echo "{\"phase\": \"$PHASE\", \"job\": \"$label\", \"rc\": $rc, \"wall_s\": $wall}" >> "$RES"
+  (( rc == 0 )) || FAILED=1
   cp "$RES" "$STATE/results_$PHASE.jsonl" 2>/dev/null || true
 }
 
-J="$PY benchmarks/gemma2_lora_gpu.py ${JLORA_ARGS:-}"  # JLORA_ARGS: e.g. "--tiny" for a dry run
-HW="$PY .bench/jax_gemma2_handwritten.py"
-
-gpu_line() {
-  echo "### $(date -u) $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null)" | tee -a "$LOG"
-}
-
-# More jlora rows (unstacked blocks unless named): the merge path, the full fine-tune, the `dots`,
-# `wide` and `_xa` remat policies, the loss-chunk variants, and the scan layout.
-phase_jlora() {
-  gpu_line
-  job 20 60 jlora peak $J peak
-  job 60 200 jlora qv4_merge $J qv4_merge --tag merge
-  job 60 200 jlora full $J full --tag full
-  job 60 200 jlora qv4_dots $J qv4 --remat dots --tag dots
-  job 60 200 jlora all16_dots $J all16 --remat dots --tag dots
-  job 60 200 jlora qv4_wide $J qv4 --remat wide --tag wide
-  job 60 200 jlora qv4_names_xa $J qv4 --remat names_xa --tag names_xa
-  job 60 200 jlora all16_wide_xa $J all16 --remat wide_xa --tag wide_xa
-  job 60 200 jlora qv4_plainloss $J qv4 --chunk 0 --tag plainloss
-  job 60 200 jlora qv4_chunk2048 $J qv4 --chunk 2048 --tag chunk2048
-  job 40 150 jlora qv4_scan $J qv4 --layers scan --tag scan
-  job 40 150 jlora all16_scan $J all16 --layers scan --remat wide --tag scan
-}
-
-# Layer layouts and XLA options for the jlora steps, with kernel profiles and the compiled HLO.
-phase_explore() {
-  local U="--layers unstacked" S="--layers scan"
-  gpu_line
-  job 20 60 jlora peak $J peak
-  job 40 150 jlora qv4_scan $J qv4 $S --tag scan --profile --profile-out "$PROF" --hlo-out "$OUT/hlo_qv4_scan.txt.gz"
-  job 80 200 jlora qv4_unstacked $J qv4 $U --tag unstacked --profile --profile-out "$PROF" --hlo-out "$OUT/hlo_qv4_unstacked.txt.gz"
-  job 80 200 jlora all16_unstacked $J all16 $U --tag unstacked --profile --profile-out "$PROF" --hlo-out "$OUT/hlo_all16_unstacked.txt.gz"
-  job 40 150 jlora all16_scan $J all16 $S --tag scan --profile --profile-out "$PROF"
-  job 40 150 jlora qv4_scan_fullunroll env XLA_FLAGS=--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL $J qv4 $S --tag scan_xlaunroll
-  job 70 150 jlora qv4_unstacked_heroless env XLA_FLAGS=--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true $J qv4 $U --tag unstacked_heroless
-  job 70 150 jlora qv4_unstacked_lhs env XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $J qv4 $U --tag unstacked_lhs
-  job 40 150 jlora qv4_scan_cmdbuf_while env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL $J qv4 $S --tag scan_cmdbuf_while
-  job 45 150 jlora qv4_unstacked_nograph env XLA_FLAGS=--xla_gpu_enable_command_buffer= $J qv4 $U --tag unstacked_nograph
-  job 30 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
-}
-
-# The two final configurations with kernel profiles, then A/B rows: the loss's soft-cap terms
-# through tanh and divisions (the previous formulation), jlora.lora's fold of x·W + t·B into one
-# matmul off or everywhere the layout allows, and remat policies that keep more.
-phase_tune() {
-  gpu_line
-  job 15 60 jlora peak $J peak
-  job 70 200 jlora qv4_names $J qv4 --remat names --tag names --profile --profile-out "$PROF"
-  job 70 200 jlora all16_wide_xa $J all16 --remat wide_xa --tag wide_xa --profile --profile-out "$PROF"
-  job 35 200 jlora qv4_names_tanhloss $J qv4 --remat names --loss-math tanh --tag names_tanhloss
-  job 40 200 jlora all16_wide_xa_nofold $J all16 --remat wide_xa --fold never --tag wide_xa_nofold
-  job 40 200 jlora all16_wide_xa_foldall $J all16 --remat wide_xa --fold always --tag wide_xa_foldall
-  job 35 200 jlora qv4_wide $J qv4 --remat wide --tag wide
-  job 35 200 jlora qv4_names_xa $J qv4 --remat names_xa --tag names_xa
-  job 40 200 jlora all16_names_xa $J all16 --remat names_xa --tag names_xa
-  job 35 200 jlora qv4_wide_xa $J qv4 --remat wide_xa --tag wide_xa
-}
-
-# The loss formulations side by side on q,v (remat wide): the soft-cap terms in one Pallas pass
-# (profiled) or two XLA passes, each also with one 8192-token chunk and XLA's dot merger off.
-phase_loss() {
-  local NOMERGE="env XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0"
-  gpu_line
-  job 100 200 jlora qv4_pallas $J qv4 --remat wide --loss-math pallas --tag pallas --profile --profile-out "$PROF"
-  job 35 120 jlora qv4_exp $J qv4 --remat wide --loss-math exp --tag exp
-  job 35 120 jlora qv4_pallas_8192_nomerge $NOMERGE $J qv4 --remat wide --loss-math pallas --chunk 8192 --tag pallas_8192_nomerge
-  job 35 120 jlora qv4_exp_8192_nomerge $NOMERGE $J qv4 --remat wide --loss-math exp --chunk 8192 --tag exp_8192_nomerge
-}
-
-# The loss kernel's tiles and warps against XLA and the copy ceiling; q,v (the final
-# configuration) profiled with its compiled HLO; A/B rows: jlora's fold by the byte count alone
-# (it then also folds q_proj, and o_proj for all-linear) and XLA's Triton GEMM emitter off (the
-# skinny adapter matmuls through cuBLAS).
-phase_probe() {
-  gpu_line
-  job 60 150 kernel softcap_kernel "$PY" benchmarks/softcap_kernel_bench.py ${KERNEL_ARGS:-}
-  job 100 200 jlora qv4 $J qv4 --remat wide --loss-math pallas --tag probe --profile --profile-out "$PROF" --hlo-out "$OUT/hlo_qv4.txt.gz"
-  job 40 150 jlora qv4_foldbytes $J qv4 --remat wide --loss-math pallas --fold bytes --tag foldbytes
-  job 40 150 jlora qv4_notritongemm env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $J qv4 --remat wide --loss-math pallas --tag notritongemm
-  job 45 150 jlora all16_foldbytes $J all16 --remat wide_xa --loss-math pallas --fold bytes --tag foldbytes
-  job 40 150 jlora qv4_again $J qv4 --remat wide --loss-math pallas --tag probe_again
-}
-
-# A/B rows on one machine: RoPE's gradient (autodiff or one inverse rotation), the remat
-# policies that also keep jlora's x·a (_xa) and the residual stream and norm statistics (wide_mid),
-# jlora's fold by the byte count; the first configuration again at the end, for the spread.
-phase_ab() {
-  local Q="$J qv4 --loss-math pallas --long-round 20" A="$J all16 --loss-math pallas --long-round 20"
-  gpu_line
-  job 100 200 jlora qv4_wide_ropead $Q --remat wide --rope-autodiff --tag wide_ropead
-  job 40 150 jlora qv4_wide $Q --remat wide --tag wide
-  job 40 150 jlora qv4_wide_xa $Q --remat wide_xa --tag wide_xa
-  job 40 150 jlora qv4_wide_mid $Q --remat wide_mid --tag wide_mid
-  job 60 150 jlora qv4_wide_mid_xa $Q --remat wide_mid_xa --tag wide_mid_xa --profile --profile-out "$PROF"
-  job 40 150 jlora qv4_wide_mid_xa_foldbytes $Q --remat wide_mid_xa --fold bytes --tag wide_mid_xa_foldbytes
-  job 45 150 jlora all16_wide_xa $A --remat wide_xa --tag wide_xa
-  job 45 150 jlora all16_wide_mid_xa $A --remat wide_mid_xa --tag wide_mid_xa
-  job 40 150 jlora qv4_wide_ropead_again $Q --remat wide --rope-autodiff --tag wide_ropead_again
-}
-
-# Everything side by side in one call: the baselines first, then the hand-written anchors, then
-# jlora (unstacked blocks) with the remat and XLA variants, most important first.
-phase_final() {
-  gpu_line
-  if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl 2>&1 | tail -2 | tee -a "$LOG"
+# keras and keras-hub: installed, or from the wheels in $WHEELS into /tmp/site (keras jobs only).
+KERAS_PATH=""
+keras_setup() {
+  if KERAS_BACKEND=jax "$PY" -c "import keras_hub" >/dev/null 2>&1; then
+    return
   fi
-  local KE="env PYTHONPATH=/tmp/site KERAS_BACKEND=jax $PY .bench/keras_gemma2_bench.py"
-  local PE="$PY .bench/peft_gemma2_bench.py"
-  job 15 60 jlora peak $J peak
-  # The configurations: remat `wide_mid_xa` (jlora.lora folds the feed-forward up-projections'
-  # adapters by its GPU rule in all-linear), RoPE's gradient as one rotation, the loss's soft-cap
-  # terms in one Pallas pass. Run 11's q,v configuration closes the call, as budget allows.
-  job 60 200 jlora qv4 $J qv4 --remat wide_mid_xa --loss-math pallas --tag final --long-round 20
-  job 60 200 jlora all16 $J all16 --remat wide_mid_xa --loss-math pallas --tag final --long-round 20
-  job 120 300 peft peft_qv4_compile $PE qv4_compile
-  job 120 300 peft peft_all16_compile $PE all16_compile
-  job 40 300 keras keras_qv4 $KE qv4
-  job 45 300 keras keras_all16 $KE all16
-  job 17 120 handwritten hw_qv4_fact env REMAT=dots $HW qv4_fact
-  job 12 120 handwritten hw_all16_fact env REMAT=dots $HW all16_fact
-  job 25 150 jlora qv4_run11 $J qv4 --remat wide --rope-autodiff --loss-math pallas --tag run11_config
+  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$WHEELS"/*.whl 2>&1 | tail -2 | tee -a "$LOG"
+    KERAS_PATH=/tmp/site
+  else
+    echo "### keras-hub is not installed and $WHEELS/ holds no wheels (benchmarks/fetch_wheels.sh)" \
+      | tee -a "$LOG"
+  fi
 }
 
+versions() {
+  env PYTHONPATH="$KERAS_PATH" "$PY" -c '
+import json, platform, subprocess, sys
+from importlib import metadata
+names = ["jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "flax",
+         "optax", "orbax-checkpoint", "numpy", "torch", "triton", "transformers", "peft",
+         "accelerate", "safetensors", "tokenizers", "huggingface_hub", "keras", "keras-hub",
+         "namex", "optree", "h5py", "rich", "absl-py", "ml-dtypes", "packaging", "regex"]
+v = {"python": platform.python_version()}
+for n in names:
+  try:
+    v[n] = metadata.version(n)
+  except metadata.PackageNotFoundError:
+    pass
+try:
+  v["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                             "--format=csv,noheader"], capture_output=True, text=True,
+                            timeout=20).stdout.strip()
+except Exception:
+  v["gpu"] = None
+print(json.dumps(v))
+' | tee "$OUT/versions.json" | tee -a "$LOG"
+}
+
+J="$PY benchmarks/gemma2_lora_gpu.py $ARGS"
+HW="$PY benchmarks/baselines/jax_handwritten.py $ARGS"
+PE="$PY benchmarks/baselines/peft_torch.py $ARGS"
+
+# The comparison table (benchmarks/README.md): jlora's two configurations and the three baselines
+# in both. jlora runs its defaults: remat wide_mid_xa, RoPE's gradient as one rotation, the fused
+# loss with its Pallas pass. About 520 s on an H200.
+phase_table() {
+  keras_setup
+  versions
+  local KE="env PYTHONPATH=$KERAS_PATH KERAS_BACKEND=jax $PY benchmarks/baselines/keras_hub_lora.py $ARGS"
+  job 45 200 jlora_qv4 $J qv4
+  job 55 200 jlora_all16 $J all16
+  job 125 300 peft_qv4 $PE qv4 $PEFT_COMPILE
+  job 150 300 peft_all16 $PE all16 $PEFT_COMPILE
+  job 60 200 keras_qv4 $KE qv4
+  job 65 200 keras_all16 $KE all16
+  job 30 120 handwritten_qv4 $HW qv4
+  job 25 120 handwritten_all16 $HW all16
+}
+
+# The attribution table: jlora's benchmark model with one change at a time, in one call. What
+# jlora's factored step is worth (the merge path instead), and what the benchmark model's own
+# parts are worth (the plain loss, autodiff's RoPE gradient, XLA's dots remat policy instead).
+# About 300 s on an H200.
+phase_attribution() {
+  versions
+  job 45 200 jlora_qv4 $J qv4
+  job 40 150 jlora_qv4_merge $J qv4_merge
+  job 45 150 jlora_qv4_plainloss $J qv4 --chunk 0 --tag plainloss
+  job 40 150 jlora_qv4_ropeautodiff $J qv4 --rope-autodiff --tag ropeautodiff
+  job 40 150 jlora_qv4_dots $J qv4 --remat dots --tag dots
+  job 55 200 jlora_all16 $J all16
+  job 50 150 jlora_all16_merge $J all16_merge
+}
+
+# More A/B rows on the same model, one flag away from the table's jlora rows.
+phase_ablations() {
+  versions
+  job 15 60 peak $J peak
+  job 45 200 jlora_qv4 $J qv4
+  job 40 150 jlora_qv4_wide $J qv4 --remat wide --tag wide
+  job 40 150 jlora_qv4_names $J qv4 --remat names --tag names
+  job 40 150 jlora_qv4_exploss $J qv4 --loss-math exp --tag exploss
+  job 50 150 jlora_all16_plainloss $J all16 --chunk 0 --tag plainloss
+  job 50 150 jlora_all16_nofold $J all16 --fold never --tag nofold
+  job 50 150 jlora_all16_wide_xa $J all16 --remat wide_xa --tag wide_xa
+  job 45 150 jlora_qv4_scan $J qv4 --layers scan --tag scan
+  job 60 200 jlora_full $J full
+}
+
+# Where the time goes: the loss kernel's tiles, and the two table configurations with kernel
+# summaries (profiles.jsonl), XLA's memory analysis and the compiled HLO.
+phase_profile() {
+  versions
+  local KB="$PY benchmarks/softcap_kernel_bench.py"
+  (( TINY )) && KB="$KB --rows 8 --vocab 4096 --calls 1 --rounds 1"
+  job 60 150 softcap_kernel $KB
+  job 90 200 jlora_qv4 $J qv4 --profile --profile-out "$PROF" --xla-analysis --hlo-out "$OUT/hlo_qv4.txt.gz"
+  job 90 200 jlora_all16 $J all16 --profile --profile-out "$PROF" --xla-analysis --hlo-out "$OUT/hlo_all16.txt.gz"
+}
+
+phase_check() {
+  keras_setup
+  job 120 300 same_model env PYTHONPATH=$KERAS_PATH KERAS_BACKEND=jax JAX_PLATFORMS=cpu \
+    CUDA_VISIBLE_DEVICES="" "$PY" benchmarks/baselines/check_same_model.py
+}
+
+echo "### $(date -u) phase=$PHASE tiny=$TINY $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null)" | tee -a "$LOG"
 case "$PHASE" in
-  jlora) phase_jlora ;;
-  explore) phase_explore ;;
-  tune) phase_tune ;;
-  loss) phase_loss ;;
-  final) phase_final ;;
-  probe) phase_probe ;;
-  ab) phase_ab ;;
-  all) BUDGET=${BUDGET_ALL:-100000}; phase_final; phase_jlora ;;
-  *) echo "usage: $0 final|jlora|explore|tune|loss|probe|ab|all" >&2; exit 2 ;;
+  table) phase_table ;;
+  attribution) phase_attribution ;;
+  ablations) phase_ablations ;;
+  profile) phase_profile ;;
+  check) phase_check ;;
+  *) echo "usage: $0 table|attribution|ablations|profile|check [--tiny]" >&2; exit 2 ;;
 esac
-echo "### done in $(( $(date +%s) - START ))s" | tee -a "$LOG"
+if [ "$PHASE" = table ] || [ "$PHASE" = attribution ]; then
+  "$PY" benchmarks/make_table.py "$RES" --phase "$PHASE" --versions "$OUT/versions.json" \
+    > "$OUT/table_$PHASE.md" || FAILED=1
+  cat "$OUT/table_$PHASE.md" | tee -a "$LOG"
+fi
+echo "### done in $(( $(date +%s) - START ))s, failed=$FAILED" | tee -a "$LOG"
+exit $FAILED
