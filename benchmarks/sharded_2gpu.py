@@ -21,11 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jlora
-from jlora._src import sharding as S
+from jlora import sharding as S
 from recipes.models import llama
 
 RULES = [
@@ -81,7 +80,7 @@ def main():
   def loss_fn(t, tok):
     return llama.lm_loss(jlora.lora(model.apply)({"params": t}, tok), tok)
 
-  step = S.sharded_train_step(loss_fn, optax.adam(1e-3), mesh)
+  step = jlora.train_step(loss_fn, optax.adam(1e-3), mesh=mesh)
   state = step.init(lp_s)
   t0 = time.perf_counter()
   hlo = step.lower(lp_s, state, tokens).compile().as_text()

@@ -1,5 +1,12 @@
 """jlora: LoRA as a pure, functional transform on JAX parameter pytrees.
 
+The core is at the root: `apply` adapts a parameter tree, `lora` runs a function
+with the adapters kept factored, `train_step`/`optimizer` train them,
+`merge`/`split`/`combine`/`base` reshape the tree, `save`/`restore` checkpoint it.
+Beside it: `jlora.sharding` (layouts on a device mesh), `jlora.hf` (Hugging Face
+PEFT adapters and merged safetensors) and `jlora.keras` (Keras models; import it
+explicitly).
+
 >>> import jax.numpy as jnp, jlora
 >>> params = {"attn": {"q_proj": {"kernel": jnp.ones((8, 16))}}}
 >>> lora_params = jlora.apply(params, rank=4)
@@ -7,24 +14,14 @@
 96
 """
 
+from jlora import hf, sharding
 from jlora._src.apply import apply
 from jlora._src.checkpoint import CheckpointManager, Restored, read_metadata, restore, save
 from jlora._src.leaf import LoRA, Trainable, is_lora
 from jlora._src.optim import TrainStep, optimizer, train_step
-from jlora._src.peft import export_merged, export_peft, import_peft, llama_key_map
-from jlora._src.sharding import (
-    ShardedTrainStep,
-    abstract,
-    partition_specs,
-    path_specs,
-    sharded_train_step,
-    shardings,
-    state_shardings,
-)
 from jlora._src.transform import MaterializeWarning, lora
 from jlora._src.tree import Count, Split, base, combine, count, merge, split, summary
-
-__version__ = "0.1.0"
+from jlora._src.version import VERSION as __version__  # noqa: F401
 
 __all__ = [
     "CheckpointManager",
@@ -32,32 +29,23 @@ __all__ = [
     "LoRA",
     "MaterializeWarning",
     "Restored",
-    "ShardedTrainStep",
     "Split",
     "TrainStep",
     "Trainable",
-    "abstract",
     "apply",
     "base",
     "combine",
     "count",
-    "export_merged",
-    "export_peft",
-    "import_peft",
+    "hf",
     "is_lora",
-    "llama_key_map",
     "lora",
     "merge",
     "optimizer",
-    "partition_specs",
-    "path_specs",
     "read_metadata",
     "restore",
     "save",
-    "sharded_train_step",
-    "shardings",
+    "sharding",
     "split",
-    "state_shardings",
     "summary",
     "train_step",
 ]

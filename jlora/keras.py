@@ -25,9 +25,12 @@ Keras inference keep working::
     lm.backbone.save_lora_weights("gemma.lora.h5")
 
 Keras is imported lazily: `import jlora.keras` works without it, and the
-functions raise an `ImportError` with the install line when it is missing. The
-module sets `KERAS_BACKEND=jax` (unless already set) so that importing it before
-Keras selects the JAX backend.
+functions raise an `ImportError` with the install line when it is missing.
+Keras must run on its JAX backend: set `KERAS_BACKEND=jax` in the environment
+before Keras is first imported (`os.environ.setdefault("KERAS_BACKEND", "jax")`
+at the top of the program); jlora never sets it, and its functions raise, with
+that fix, when Keras runs on another backend. Keras 3.13.2 or newer is needed
+(the oldest tested; a few Keras internals are read, see `_Internals`).
 
 Minimal install without TensorFlow (keras-hub's declared requirements pull in
 tensorflow-text, which building and training models on the JAX backend never
@@ -40,6 +43,7 @@ uses; Gemma's SentencePiece tokenizer does need it)::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Callable
 
@@ -47,32 +51,96 @@ import jax
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
-
-os.environ.setdefault("KERAS_BACKEND", "jax")
+from jlora._src.transform import lora
+from jlora._src.tree import merge as merge_tree
 
 __all__ = ["apply_fn", "keras_variables", "params", "write_back"]
 
 INSTALL = ('pip install "keras>=3.13.2" regex tokenizers && '
            'pip install --no-deps "keras-hub>=0.32"')
 MODES = ("auto", "lora", "merge")
+OLDEST_KERAS = (3, 13, 2)  # the oldest Keras CI tests (the free Colab TPU image's)
 
 _LORA_A, _LORA_B, _KERNEL = "lora_kernel_a", "lora_kernel_b", "kernel"
+_BACKEND_FIX = ("Set the environment variable KERAS_BACKEND=jax before the first `import keras` "
+                "(e.g. os.environ.setdefault('KERAS_BACKEND', 'jax') at the top of the program), "
+                "then restart the Python process.")
 
 
 def _keras():
-  """Imports Keras and checks that it runs on the JAX backend."""
+  """Imports Keras and checks that it runs on the JAX backend and is new enough."""
   try:
-    import keras
+    import keras  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError(f"jlora.keras needs Keras 3 (and keras-hub for keras-nlp models), which "
-                      f"is not installed. Install it without TensorFlow: {INSTALL}") from e
+    try:
+      installed = importlib.util.find_spec("keras") is not None
+    except (ImportError, ValueError):
+      installed = False
+    if not installed:
+      raise ImportError(f"jlora.keras needs Keras 3 (and keras-hub for keras-nlp models), which "
+                        f"is not installed. Install it without TensorFlow: {INSTALL}") from e
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow (Keras's default)")
+    raise ImportError(f"jlora.keras needs Keras's JAX backend; Keras is installed but could not "
+                      f"be imported on the backend {backend} ({e}). {_BACKEND_FIX}") from e
   backend = keras.backend.backend()
   if backend != "jax":
     raise RuntimeError(
-        f"jlora.keras needs Keras's JAX backend, but Keras runs on {backend!r}. Set the "
-        f"environment variable KERAS_BACKEND=jax before the first `import keras` (or "
-        f"`import jlora.keras` first), then restart the Python process.")
+        f"jlora.keras needs Keras's JAX backend, but Keras runs on {backend!r}. {_BACKEND_FIX}")
+  _Internals.check(keras.version())
   return keras
+
+
+class _Internals:
+  """The Keras internals jlora.keras reads, which Keras has no public API for.
+
+  * `Layer._flatten_layers`: a model's layers, in the order keras-hub's
+    `Backbone.enable_lora` walks them (and indexes `_lora_enabled_layers` by);
+  * `Dense._kernel` / `EinsumDense._kernel`: the kernel variable itself (the
+    `kernel` property returns `kernel + lora_a @ lora_b` once LoRA is enabled);
+  * keras-hub `Backbone._lora_rank` / `_lora_enabled_layers`: the bookkeeping
+    `save_lora_weights` and `load_lora_weights` read.
+
+  They are tested with Keras 3.13.2 to 3.15.1; `check` refuses an older Keras,
+  and a missing attribute raises naming the Keras version.
+  """
+
+  @staticmethod
+  def check(version: str) -> None:
+    got = tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
+    if got < OLDEST_KERAS:
+      raise RuntimeError(
+          f"jlora.keras needs keras>={'.'.join(map(str, OLDEST_KERAS))}; this is keras "
+          f"{version}. Upgrade it: {INSTALL}")
+
+  @staticmethod
+  def _missing(what: str) -> RuntimeError:
+    import keras  # pylint: disable=import-outside-toplevel
+    return RuntimeError(
+        f"jlora.keras: this Keras ({keras.version()}) has no {what}, which jlora.keras reads "
+        f"(tested with Keras 3.13.2 to 3.15.1). Install a tested Keras, e.g. "
+        f"pip install 'keras==3.15.1'.")
+
+  @classmethod
+  def layers(cls, model) -> list:
+    """The model's layers (itself excluded), in `Backbone.enable_lora`'s order."""
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is None:
+      raise cls._missing("Layer._flatten_layers")
+    return list(flatten(include_self=False))
+
+  @staticmethod
+  def kernel(layer):
+    """The kernel variable of a Dense/EinsumDense layer (None for other layers)."""
+    return getattr(layer, "_kernel", None)
+
+  @classmethod
+  def set_lora_layers(cls, backbone, rank: int, indices: list[int]) -> None:
+    """Records the one rank and the indices of the LoRA layers, as `enable_lora` does."""
+    for name in ("_lora_rank", "_lora_enabled_layers"):
+      if not hasattr(backbone, name):
+        raise cls._missing(f"Backbone.{name}")
+    backbone._lora_rank = rank  # pylint: disable=protected-access
+    backbone._lora_enabled_layers = indices  # pylint: disable=protected-access
 
 
 def _model_variables(model) -> tuple[list, list]:
@@ -95,8 +163,8 @@ def _kernel_layers(model) -> dict[str, Any]:
   """`{kernel variable path: layer}` for every layer that supports `enable_lora`."""
   out = {}
   # The same traversal keras-hub's `Backbone.enable_lora` uses.
-  for layer in model._flatten_layers(include_self=False):
-    kernel = getattr(layer, "_kernel", None)
+  for layer in _Internals.layers(model):
+    kernel = _Internals.kernel(layer)
     if hasattr(layer, "enable_lora") and kernel is not None and hasattr(kernel, "path"):
       out[kernel.path] = layer
   return out
@@ -147,8 +215,9 @@ def params(model, *, copy: bool = True) -> dict[str, Any]:
     if not getattr(layer, "lora_enabled", False):
       continue
     ka, kb = layer.lora_kernel_a, layer.lora_kernel_b
-    ndim = len(layer._kernel.shape)
-    out[kpath] = LoRA(w=take(layer._kernel.value), a=take(ka.value), b=take(kb.value),
+    kernel = _Internals.kernel(layer)
+    ndim = len(kernel.shape)
+    out[kpath] = LoRA(w=take(kernel.value), a=take(ka.value), b=take(kb.value),
                       alpha=float(layer.lora_alpha), a_axes=tuple(range(ndim - 1)))
     used |= {kpath, ka.path, kb.path}
   tv, ntv = _model_variables(model)
@@ -195,9 +264,8 @@ def apply_fn(model, *, mode: str = "auto") -> Callable[..., Any]:
     mode: how LoRA leaves are computed. `"lora"`: factored, through
       `jlora.lora` (`x·w + s·(x·a)·b`, no full-weight gradient); `"merge"`:
       `jlora.merge` folds each adapter into its kernel first (Keras's own
-      computation); `"auto"` (default): `"lora"` where this jlora version
-      has `jlora.lora`, else `"merge"`. Layers on which Keras LoRA is enabled
-      are always run by Keras itself from their `w`, `a`, `b`.
+      computation); `"auto"` (default): `"lora"`. Layers on which Keras LoRA
+      is enabled are always run by Keras itself from their `w`, `a`, `b`.
 
   Returns:
     `f(tree, *args, **kwargs)`. Updated non-trainable state (BatchNorm
@@ -208,14 +276,9 @@ def apply_fn(model, *, mode: str = "auto") -> Callable[..., Any]:
       holds one the model does not have, or a LoRA leaf on a Keras-LoRA layer
       has another rank or alpha than the layer.
   """
-  import jlora
-
   if mode not in MODES:
     raise ValueError(f"jlora.keras.apply_fn: mode={mode!r} is not one of {MODES}.")
-  if mode == "lora" and not hasattr(jlora, "lora"):
-    raise ValueError("jlora.keras.apply_fn: mode='lora' needs jlora.lora, which this jlora "
-                     "version does not have; use mode='merge'.")
-  factored = mode == "lora" or (mode == "auto" and hasattr(jlora, "lora"))
+  factored = mode != "merge"
   _keras()
   _model_variables(model)
 
@@ -254,8 +317,8 @@ def apply_fn(model, *, mode: str = "auto") -> Callable[..., Any]:
       else:
         feed[p] = x
     if factored and adapted:
-      return jlora.lora(run)(adapted, feed, *args, **kwargs)
-    return run(jlora.merge(adapted) if adapted else adapted, feed, *args, **kwargs)
+      return lora(run)(adapted, feed, *args, **kwargs)
+    return run(merge_tree(adapted) if adapted else adapted, feed, *args, **kwargs)
 
   return f
 
@@ -359,8 +422,7 @@ def write_back(model, tree, *, frozen: bool = False, merge: bool = False) -> Non
           f"per layer: write into a fresh model, or train with rank={layer.lora_rank}.")
 
   if merge:
-    import jlora
-    merged = jlora.merge(lora_leaves) if lora_leaves else {}
+    merged = merge_tree(lora_leaves) if lora_leaves else {}
     for p, w in merged.items():
       _assign(variables[p], w)
   else:
@@ -371,7 +433,7 @@ def write_back(model, tree, *, frozen: bool = False, merge: bool = False) -> Non
       _assign(layer.lora_kernel_b, x.b)
       layer.lora_alpha = x.scale * x.rank
       if frozen:
-        _assign(layer._kernel, x.w)
+        _assign(_Internals.kernel(layer), x.w)
   for p, x in flat.items():
     if isinstance(x, Trainable):
       variables[p].trainable = True
@@ -403,7 +465,7 @@ def _enable(model, targets: dict[str, tuple[Any, int]]) -> None:
     return
   backbone = _backbone(model)
   ranks = {r for _, r in todo.values()}
-  all_layers = ([lyr for lyr in backbone._flatten_layers(include_self=False) if lyr.weights]
+  all_layers = ([lyr for lyr in _Internals.layers(backbone) if lyr.weights]
                 if backbone is not None else [])
   if backbone is not None and len(ranks) == 1:
     names = sorted({layer.name for layer, _ in todo.values()})
@@ -420,5 +482,4 @@ def _enable(model, targets: dict[str, tuple[Any, int]]) -> None:
   enabled = [(i, lyr) for i, lyr in enumerate(all_layers) if getattr(lyr, "lora_enabled", False)]
   enabled_ranks = {lyr.lora_rank for _, lyr in enabled}
   if backbone is not None and len(enabled_ranks) == 1:
-    backbone._lora_rank = enabled_ranks.pop()
-    backbone._lora_enabled_layers = [i for i, _ in enabled]
+    _Internals.set_lora_layers(backbone, enabled_ranks.pop(), [i for i, _ in enabled])

@@ -1,5 +1,6 @@
 """Helpers shared by the test modules."""
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -13,9 +14,9 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 import jlora
-from jlora._src import compat
 
 
 def rand(shape, seed=0, dtype=jnp.float32, scale=1.0):
@@ -41,8 +42,7 @@ def randomize_b(tree, seed=1):
   """Random `b` everywhere (at init `b` is zero, which would hide errors)."""
   def f(x):
     if jlora.is_lora(x):
-      return jlora.LoRA(x.w, x.a, rand(x.b.shape, seed, x.b.dtype), x.alpha, x.a_axes, x.stack,
-                        x.rslora)
+      return dataclasses.replace(x, b=rand(x.b.shape, seed, x.b.dtype))
     return x
   return jax.tree.map(f, tree, is_leaf=jlora.is_lora)
 
@@ -51,8 +51,18 @@ def iter_eqns(jaxpr):
   """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan, remat, ...)."""
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in compat.jaxprs_in_params(eqn.params):
-      yield from iter_eqns(sub)
+    for v in eqn.params.values():
+      for x in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(x, jex_core.ClosedJaxpr):
+          yield from iter_eqns(x.jaxpr)
+        elif isinstance(x, jex_core.Jaxpr):
+          yield from iter_eqns(x)
+
+
+def variable_value(v):
+  """The value of a Flax NNX `Variable` (`get_value()` on flax >= 0.12, `.value` before)."""
+  get = getattr(type(v), "get_value", None)
+  return get(v) if get is not None else v.value
 
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ MODULES = [
     "jlora._src.tree",
     "jlora._src.optim",
     "jlora._src.transform",
-    "jlora._src.sharding",
+    "jlora._src.specs",
     "jlora._src.checkpoint",
     "jlora._src.peft",
     "recipes.models.gemma",

@@ -1,5 +1,6 @@
 """Every error jlora raises: the message names the key path and the fix."""
 
+import dataclasses
 import re
 
 import jax.numpy as jnp
@@ -187,8 +188,8 @@ def test_combine_different_metadata_names_the_path_and_both_values():
 def test_combine_nan_alpha_says_why():
   # A NaN alpha (a LoRA leaf built by hand, or an old checkpoint) is never equal to itself.
   leaf = jlora.apply({"q_proj": _rand((8, 12))}, rank=2)["q_proj"]
-  t = {"q_proj": jlora.LoRA(None, leaf.a, leaf.b, float("nan"), leaf.a_axes)}
-  f = {"q_proj": jlora.LoRA(leaf.w, None, None, float("nan"), leaf.a_axes)}
+  t = {"q_proj": dataclasses.replace(leaf, w=None, alpha=float("nan"))}
+  f = {"q_proj": dataclasses.replace(leaf, a=None, b=None, alpha=float("nan"))}
   with pytest.raises(ValueError, match=r"at 'q_proj': alpha nan in both halves, and nan is never "
                                        r"equal to itself.* finite alpha"):
     jlora.combine(t, f)

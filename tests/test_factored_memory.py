@@ -34,8 +34,9 @@ def lora_leaf(w_shape, a_axes, rank, stack=0, seed=0, alpha=None):
   a_shape = s + tuple(k[i] for i in a_axes) + (rank,)
   b_shape = s + (rank,) + tuple(k[i] for i in range(len(k)) if i not in a_axes)
   alpha = 1.5 * rank if alpha is None else alpha  # scale 1.5: a misplaced scale shows
-  return jlora.LoRA(rand(w_shape, seed), rand(a_shape, seed + 1, scale=0.5),
-                    rand(b_shape, seed + 2, scale=0.5), alpha, tuple(a_axes), stack)
+  return jlora.LoRA(w=rand(w_shape, seed), a=rand(a_shape, seed + 1, scale=0.5),
+                    b=rand(b_shape, seed + 2, scale=0.5), alpha=alpha, a_axes=tuple(a_axes),
+                    stack=stack)
 
 
 def dot_sizes(jaxpr):

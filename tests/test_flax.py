@@ -11,8 +11,7 @@ import pytest
 from flax import nnx
 
 import jlora
-from jlora._src import compat
-from tests.helpers import rand as _rand, randomize_b as _randomize_b
+from tests.helpers import rand as _rand, randomize_b as _randomize_b, variable_value
 
 
 def _reference_delta(leaf):
@@ -103,9 +102,9 @@ def test_nnx_state_apply_merge_and_nnx_merge():
   assert isinstance(lp, nnx.State)
   paths = jlora.summary(lp)
   assert "attn/query/kernel" in paths and "/value/kernel" in paths and ".value" not in paths
-  assert jlora.is_lora(compat.variable_value(lp["attn"]["query"]["kernel"]))
-  assert not jlora.is_lora(compat.variable_value(lp["attn"]["key"]["kernel"]))
-  assert compat.variable_value(lp["attn"]["value"]["kernel"]).a.shape == (8, 2, 2)
+  assert jlora.is_lora(variable_value(lp["attn"]["query"]["kernel"]))
+  assert not jlora.is_lora(variable_value(lp["attn"]["key"]["kernel"]))
+  assert variable_value(lp["attn"]["value"]["kernel"]).a.shape == (8, 2, 2)
   keys = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lp)[0]]
   assert "['attn']['query']['kernel'].value.a" in keys
   assert "['attn']['query']['kernel'].value.w" in keys
@@ -131,7 +130,7 @@ def test_nnx_pure_dict():
   merged = jlora.merge(lp)
   nnx.replace_by_pure_dict(state, merged)
   leaf = lp["attn"]["query"]["kernel"]
-  np.testing.assert_allclose(compat.variable_value(state["attn"]["query"]["kernel"]),
+  np.testing.assert_allclose(variable_value(state["attn"]["query"]["kernel"]),
                              np.asarray(leaf.w) + _reference_delta(leaf), rtol=1e-6, atol=1e-6)
   assert jax.jit(lambda s: nnx.merge(graphdef, s)(x))(state).shape == (2, 5, 3)
 
@@ -149,19 +148,19 @@ def test_nnx_train_step():
   before = jax.tree.map(np.array, lp)
   step = jlora.train_step(loss_fn, optax.adam(1e-2))
   opt_state = step.init(lp)
-  w = compat.variable_value(lp["attn"]["query"]["kernel"]).w
+  w = variable_value(lp["attn"]["query"]["kernel"]).w
   assert all(x.size != w.size for x in jax.tree.leaves(opt_state))
   lp, opt_state, loss0 = step(lp, opt_state, x, target)
   lp, opt_state, loss1 = step(lp, opt_state, x, target)
   assert float(loss1) < float(loss0)
   for u, v in zip(jax.tree.leaves(frozen), jax.tree.leaves(jlora.split(lp).frozen)):
     np.testing.assert_array_equal(u, v)
-  q0 = compat.variable_value(before["attn"]["query"]["kernel"])
-  q2 = compat.variable_value(lp["attn"]["query"]["kernel"])
+  q0 = variable_value(before["attn"]["query"]["kernel"])
+  q2 = variable_value(lp["attn"]["query"]["kernel"])
   assert not np.array_equal(q2.a, q0.a) and not np.array_equal(q2.b, q0.b)
-  head = compat.variable_value(lp["head"]["kernel"])
+  head = variable_value(lp["head"]["kernel"])
   assert isinstance(head, jlora.Trainable)
-  assert not np.array_equal(head.value, compat.variable_value(before["head"]["kernel"]).value)
+  assert not np.array_equal(head.value, variable_value(before["head"]["kernel"]).value)
   c = jlora.count(lp)
   q = 8 * 2 * 2 + 2 * 4  # a (8, heads, r), b (r, head_dim) for query and value
   n_model = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model)))

@@ -4,6 +4,7 @@ write-back.
 Needs the `keras-nlp` extra (Keras 3 + keras-hub, JAX backend), which the test set-up installs.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -47,7 +48,7 @@ def _randomize_adapters(tree, seed):
       return x
     a = jnp.asarray(rng.normal(0, 0.3, x.a.shape), x.a.dtype)
     b = jnp.asarray(rng.normal(0, 0.3, x.b.shape), x.b.dtype)
-    return jlora.LoRA(x.w, a, b, x.alpha, x.a_axes, x.stack, x.rslora)
+    return dataclasses.replace(x, a=a, b=b)
 
   return jax.tree.map(f, tree, is_leaf=jlora.is_lora)
 
@@ -232,3 +233,44 @@ def test_errors_name_the_fix():
     jk.apply_fn(None, mode="typo")
   with pytest.raises(ValueError, match="is not built"):
     jk.params(keras.layers.Dense(3))
+
+
+def test_keras_older_than_the_tested_one_is_refused(monkeypatch):
+  layer = keras.layers.Dense(3)
+  layer.build((None, 4))
+  monkeypatch.setattr(keras, "version", lambda: "3.12.1")
+  with pytest.raises(RuntimeError, match=r"jlora.keras needs keras>=3.13.2; this is keras "
+                                         r"3.12.1\. Upgrade it"):
+    jk.params(layer)
+
+
+def test_import_leaves_the_keras_backend_to_the_program():
+  """`import jlora.keras` sets no KERAS_BACKEND; Keras on another backend (or unimportable on
+  its default one) is refused, naming the fix."""
+  code = """
+import os, sys
+import jlora.keras as jk
+assert "KERAS_BACKEND" not in os.environ, os.environ["KERAS_BACKEND"]
+if sys.argv[1] == "numpy":
+  os.environ["KERAS_BACKEND"] = "numpy"
+  import keras
+  assert keras.backend.backend() == "numpy"
+try:
+  jk.params(None)
+except (ImportError, RuntimeError) as e:
+  print(type(e).__name__ + ":", e)
+"""
+  env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+  outs = {}
+  for backend in ("numpy", "default"):
+    out = subprocess.run([sys.executable, "-c", code, backend], capture_output=True, text=True,
+                         cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr
+    outs[backend] = out.stdout
+  assert "RuntimeError: jlora.keras needs Keras's JAX backend, but Keras runs on 'numpy'. Set " \
+         "the environment variable KERAS_BACKEND=jax before the first `import keras`" in \
+         outs["numpy"], outs["numpy"]
+  # Without TensorFlow (this environment), Keras's default backend cannot even be imported.
+  assert "ImportError: jlora.keras needs Keras's JAX backend; Keras is installed but could not " \
+         "be imported on the backend tensorflow (Keras's default)" in outs["default"], outs
+  assert "KERAS_BACKEND=jax" in outs["default"]

@@ -5,9 +5,13 @@ tiny random tree laid out like `recipes.models.llama`, so no torch is needed. An
 imports with the weights PEFT gives it, or is refused with a message naming the fix.
 """
 
+import dataclasses
+import functools
 import json
 import math
 import os
+import re
+import types
 
 import jax
 import numpy as np
@@ -15,7 +19,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jlora
-from jlora._src import peft as jp
+from recipes.models import llama
+
+# This file's trees are laid out as recipes.models.llama's: its key map, unless a test gives one.
+llama_hf = types.SimpleNamespace(**{
+    f.__name__: functools.partial(f, key_map=llama.peft_key_map)
+    for f in (jlora.hf.export_peft, jlora.hf.import_peft, jlora.hf.export_merged)})
 
 L, D, DV = 2, 8, 4
 MODS = {"q": ("self_attn", "q_proj", D, D), "v": ("self_attn", "v_proj", D, DV),
@@ -95,7 +104,7 @@ def test_init_that_changes_the_base_is_refused(tmp_path, init):
   d = _write(tmp_path / "a", _config(init_lora_weights=init), _tensors())
   with pytest.raises(ValueError, match=rf"init_lora_weights='{init}'.*base weights.*"
                                        r"path_initial_model_for_weight_conversion"):
-    jp.import_peft(d, _params())
+    llama_hf.import_peft(d, _params())
 
 
 def test_loftq_is_refused_with_its_own_fix(tmp_path):
@@ -103,7 +112,7 @@ def test_loftq_is_refused_with_its_own_fix(tmp_path):
              _tensors())
   with pytest.raises(ValueError, match="init_lora_weights='loftq'.*quantized backbone.*"
                                        "init_lora_weights.*true"):
-    jp.import_peft(d, _params())
+    llama_hf.import_peft(d, _params())
 
 
 @pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica", None])
@@ -113,7 +122,7 @@ def test_init_that_keeps_the_base_imports(tmp_path, init):
     del cfg["init_lora_weights"]  # PEFT's default, True
   t = _tensors(seed=3)
   p = _params()
-  tree = jp.import_peft(_write(tmp_path / "a", cfg, t), p)
+  tree = llama_hf.import_peft(_write(tmp_path / "a", cfg, t), p)
   _check_weights(tree, p, t, 6 / 2)
 
 
@@ -121,7 +130,7 @@ def test_init_that_keeps_the_base_imports(tmp_path, init):
 def test_unknown_init_is_refused(tmp_path, init):
   d = _write(tmp_path / "a", _config(init_lora_weights=init), _tensors())
   with pytest.raises(ValueError, match="init_lora_weights=.*PEFT documents"):
-    jp.import_peft(d, _params())
+    llama_hf.import_peft(d, _params())
 
 
 # ----------------------------------------------------------------------------- r, alpha, patterns
@@ -132,20 +141,20 @@ def test_config_rank_must_match_the_tensors(tmp_path):
   d = _write(tmp_path / "r", _config(r=3), _tensors(r=2))
   with pytest.raises(ValueError, match=r"rank 3 for 'model\.layers\.0\.self_attn\.q_proj' \(r\)"
                                        r".*lora_A .2, 8. and lora_B .8, 2. have rank 2"):
-    jp.import_peft(d, p)
+    llama_hf.import_peft(d, p)
   d = _write(tmp_path / "p", _config(r=2, rank_pattern={"v_proj": 4}), _tensors(r=2))
   with pytest.raises(ValueError, match=r"rank 4 for 'model\.layers\.0\.self_attn\.v_proj' "
                                        r"\(rank_pattern\['v_proj'\]\).*have rank 2"):
-    jp.import_peft(d, p)
+    llama_hf.import_peft(d, p)
   # r missing: PEFT's default, 8
   cfg = _config(r=2)
   del cfg["r"]
   with pytest.raises(ValueError, match=r"rank 8 .*\(r, PEFT's default\)"):
-    jp.import_peft(_write(tmp_path / "m", cfg, _tensors(r=2)), p)
+    llama_hf.import_peft(_write(tmp_path / "m", cfg, _tensors(r=2)), p)
   # a rank_pattern that does give the tensors' rank imports, with its alpha_pattern
   t = {**_tensors(r=2, mods=("q",)), **_tensors(r=4, mods=("v",), seed=5)}
   cfg = _config(r=2, alpha=6, rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 2})
-  tree = jp.import_peft(_write(tmp_path / "ok", cfg, t), p)
+  tree = llama_hf.import_peft(_write(tmp_path / "ok", cfg, t), p)
   _check_weights(tree, p, t, 6 / 2, mods=("q",))
   _check_weights(tree, p, t, 2 / 4, mods=("v",))
 
@@ -170,8 +179,8 @@ def test_config_rank_must_match_the_tensors(tmp_path):
 ])
 def test_config_values_are_checked(tmp_path, field, value, match):
   d = _write(tmp_path / "a", _config(**{field: value}), _tensors())
-  with pytest.raises(ValueError, match=f"jlora.import_peft: .*adapter_config.json.*{match}"):
-    jp.import_peft(d, _params())
+  with pytest.raises(ValueError, match=f"jlora.hf.import_peft: .*adapter_config.json.*{match}"):
+    llama_hf.import_peft(d, _params())
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -183,8 +192,8 @@ def test_config_values_are_checked(tmp_path, field, value, match):
 ])
 def test_config_combinations_peft_refuses_are_refused(tmp_path, extra, match):
   d = _write(tmp_path / "a", _config(**extra), _tensors())
-  with pytest.raises(ValueError, match=f"jlora.import_peft: .*adapter_config.json.*{match}"):
-    jp.import_peft(d, _params())
+  with pytest.raises(ValueError, match=f"jlora.hf.import_peft: .*adapter_config.json.*{match}"):
+    llama_hf.import_peft(d, _params())
 
 
 def test_nan_in_the_json_text_is_refused(tmp_path):
@@ -192,7 +201,7 @@ def test_nan_in_the_json_text_is_refused(tmp_path):
   text = json.dumps(_config(alpha=6)).replace('"lora_alpha": 6', '"lora_alpha": NaN')
   assert "NaN" in text
   with pytest.raises(ValueError, match="lora_alpha=nan.*finite number"):
-    jp.import_peft(_write(tmp_path / "a", text, _tensors()), _params())
+    llama_hf.import_peft(_write(tmp_path / "a", text, _tensors()), _params())
 
 
 # ----------------------------------------------------------------------------- adapter names
@@ -201,7 +210,7 @@ def test_nan_in_the_json_text_is_refused(tmp_path):
 def test_one_adapter_name_in_the_keys_imports(tmp_path):
   p = _params()
   t = _tensors(name="default", seed=4)
-  tree = jp.import_peft(_write(tmp_path / "a", _config(), t), p)
+  tree = llama_hf.import_peft(_write(tmp_path / "a", _config(), t), p)
   _check_weights(tree, p, t, 3.0, name="default")
 
 
@@ -211,19 +220,19 @@ def test_two_adapter_names_for_one_module_are_refused_or_picked(tmp_path):
   d = _write(tmp_path / "a", _config(), {**t1, **t2})
   with pytest.raises(ValueError, match=r"several adapters \('default', 'other':.*"
                                        r"adapter_name='default'"):
-    jp.import_peft(d, p)
-  _check_weights(jp.import_peft(d, p, adapter_name="other"), p, t2, 3.0, name="other")
-  _check_weights(jp.import_peft(d, p, adapter_name="default"), p, t1, 3.0, name="default")
+    llama_hf.import_peft(d, p)
+  _check_weights(llama_hf.import_peft(d, p, adapter_name="other"), p, t2, 3.0, name="other")
+  _check_weights(llama_hf.import_peft(d, p, adapter_name="default"), p, t1, 3.0, name="default")
   with pytest.raises(ValueError, match=r"no tensor of adapter 'nope'.*'default', 'other'"):
-    jp.import_peft(d, p, adapter_name="nope")
+    llama_hf.import_peft(d, p, adapter_name="nope")
   # unnamed keys (PEFT's own format) beside named ones: also two adapters
   t0 = _tensors(seed=6)
   d = _write(tmp_path / "b", _config(), {**t0, **t2})
   with pytest.raises(ValueError, match=r"several adapters \(\(no name\), 'other':"):
-    jp.import_peft(d, p)
-  _check_weights(jp.import_peft(d, p, adapter_name="other"), p, t2, 3.0, name="other")
+    llama_hf.import_peft(d, p)
+  _check_weights(llama_hf.import_peft(d, p, adapter_name="other"), p, t2, 3.0, name="other")
   with pytest.raises(TypeError, match="adapter_name must be a str or None"):
-    jp.import_peft(d, p, adapter_name=1)
+    llama_hf.import_peft(d, p, adapter_name=1)
 
 
 def test_one_module_reached_from_two_leaves_is_refused(tmp_path):
@@ -231,12 +240,12 @@ def test_one_module_reached_from_two_leaves_is_refused(tmp_path):
   p = _params()
   p["layers"]["self_attn"]["k_proj"] = {"kernel": p["layers"]["self_attn"]["q_proj"]["kernel"] + 1}
   km = lambda s: (("model.layers.{}.self_attn.q_proj.weight", True) if s.endswith("k_proj/kernel")
-                  else jp.llama_key_map(s))
+                  else llama.peft_key_map(s))
   d = _write(tmp_path / "a", _config(mods=("q",)), _tensors(mods=("q",)))
   with pytest.raises(ValueError, match=r"maps both 'layers/self_attn/k_proj/kernel' and "
                                        r"'layers/self_attn/q_proj/kernel' to "
                                        r"'model\.layers\.0\.self_attn\.q_proj'"):
-    jp.import_peft(d, p, key_map=km)
+    llama_hf.import_peft(d, p, key_map=km)
 
 
 # ----------------------------------------------------------------------------- other config fields
@@ -260,8 +269,8 @@ def test_one_module_reached_from_two_leaves_is_refused(tmp_path):
 ])
 def test_config_fields_that_change_the_weights_are_refused(tmp_path, field, value, match):
   d = _write(tmp_path / "a", _config(**{field: value}), _tensors())
-  with pytest.raises(ValueError, match=f"jlora.import_peft: .*adapter_config.json.*{match}"):
-    jp.import_peft(d, _params())
+  with pytest.raises(ValueError, match=f"jlora.hf.import_peft: .*adapter_config.json.*{match}"):
+    llama_hf.import_peft(d, _params())
 
 
 def test_config_fields_that_keep_the_weights_import(tmp_path):
@@ -272,10 +281,10 @@ def test_config_fields_that_keep_the_weights_import(tmp_path):
                 qalora_group_size=16, use_dora=False, fan_in_fan_out=False, task_type="CAUSAL_LM",
                 base_model_name_or_path="tiny", revision=None, layers_pattern=None,
                 some_future_option=None, another_one=[], runtime_config={})
-  _check_weights(jp.import_peft(_write(tmp_path / "a", cfg, t), p), p, t, 5 / 2)
+  _check_weights(llama_hf.import_peft(_write(tmp_path / "a", cfg, t), p), p, t, 5 / 2)
   # rslora: the scale is alpha / sqrt(r)
   t = _tensors(r=4, seed=8)
-  tree = jp.import_peft(_write(tmp_path / "b", _config(r=4, alpha=6, use_rslora=True), t), p)
+  tree = llama_hf.import_peft(_write(tmp_path / "b", _config(r=4, alpha=6, use_rslora=True), t), p)
   assert tree["layers"]["self_attn"]["q_proj"]["kernel"].rslora
   _check_weights(tree, p, t, 6 / math.sqrt(4))
 
@@ -297,7 +306,7 @@ def test_tensors_of_modules_the_config_does_not_select_are_refused(tmp_path, ext
   d = _write(tmp_path / "a", _config(**extra), _tensors())
   with pytest.raises(ValueError, match=rf"holds lora_A/lora_B for 'model\.layers\.\d\.self_attn\."
                                        rf"[qv]_proj', a module its config.*{match}"):
-    jp.import_peft(d, _params())
+    llama_hf.import_peft(d, _params())
 
 
 @pytest.mark.parametrize("extra,layers", [
@@ -313,7 +322,7 @@ def test_tensors_of_modules_the_config_does_not_select_are_refused(tmp_path, ext
 def test_tensors_of_selected_modules_import(tmp_path, extra, layers):
   p = _params()
   t = _tensors(layers=layers, seed=9)
-  tree = jp.import_peft(_write(tmp_path / "a", _config(**extra), t), p)
+  tree = llama_hf.import_peft(_write(tmp_path / "a", _config(**extra), t), p)
   merged = jlora.merge(tree)
   for k in ("q", "v"):
     grp, m, _, _ = MODS[k]
@@ -334,7 +343,7 @@ def test_tensors_of_selected_modules_import(tmp_path, extra, layers):
 def test_tensors_jlora_would_ignore_are_refused(tmp_path, key, match):
   t = {**_tensors(), PRE + key: np.ones((2, 2), np.float32)}
   with pytest.raises(ValueError, match=rf"'{PRE + key}', which is not.*{match}"):
-    jp.import_peft(_write(tmp_path / "a", _config(), t), _params())
+    llama_hf.import_peft(_write(tmp_path / "a", _config(), t), _params())
 
 
 @pytest.mark.parametrize("shape_a,shape_b", [((), (D, 2)), ((2,), (D, 2)), ((2, D, 1), (D, 2)),
@@ -346,7 +355,7 @@ def test_tensor_shapes_that_do_not_fit_are_refused(tmp_path, shape_a, shape_b):
   t[f"{PRE}{_module('q', 1)}.lora_B.weight"] = rng.standard_normal(shape_b).astype(np.float32)
   with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.q_proj' has lora_A "
                                        r".*which do not fit the kernel \(8, 8\)"):
-    jp.import_peft(_write(tmp_path / "a", _config(mods=("q",)), t), _params())
+    llama_hf.import_peft(_write(tmp_path / "a", _config(mods=("q",)), t), _params())
 
 
 # ----------------------------------------------------------------------------- export
@@ -373,10 +382,10 @@ def _nonfinite_alpha_tree(alpha):
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
 def test_export_refuses_a_nonfinite_alpha(tmp_path, alpha):
-  with pytest.raises(ValueError, match=r"jlora.export_peft: the LoRA leaf at "
+  with pytest.raises(ValueError, match=r"jlora.hf.export_peft: the LoRA leaf at "
                                        r"'layers/self_attn/v_proj/kernel' has alpha "
                                        r"(nan|inf|-inf).*finite"):
-    jp.export_peft(tmp_path / "a", _nonfinite_alpha_tree(alpha))
+    llama_hf.export_peft(tmp_path / "a", _nonfinite_alpha_tree(alpha))
   assert not os.path.exists(tmp_path / "a")
 
 
@@ -386,7 +395,7 @@ def test_export_writes_strict_json(tmp_path):
 
   t = jlora.apply(_params(), rank={"q_proj": 4, ".*": 2}, alpha={"v_proj": 0.5, ".*": 3.0},
                   targets=["q_proj", "v_proj"], stacked="^layers/", key=jax.random.key(1))
-  d = jp.export_peft(tmp_path / "a", t)
+  d = llama_hf.export_peft(tmp_path / "a", t)
   with open(os.path.join(d, "adapter_config.json"), encoding="utf-8") as f:
     cfg = json.loads(f.read(), parse_constant=refuse)
   assert cfg["lora_alpha"] == 3 and set(cfg["alpha_pattern"].values()) == {0.5}
@@ -401,17 +410,16 @@ def test_export_patterns_select_exactly_their_module(tmp_path):
   km = lambda p: (f"{names[p]}.weight", True)
   t = jlora.apply(params, rank={"x": 4, ".*": 2}, alpha={"x": 2.0, ".*": 8.0},
                   targets=".*", key=jax.random.key(2))
-  t = jax.tree.map(lambda x: jlora.LoRA(x.w, x.a, jax.numpy.asarray(
-      rng.standard_normal(x.b.shape), x.b.dtype), x.alpha, x.a_axes, x.stack, x.rslora), t,
-                   is_leaf=jlora.is_lora)
-  d = jp.export_peft(tmp_path / "a", t, key_map=km)
-  back = jp.import_peft(d, params, key_map=km)
+  t = jax.tree.map(lambda x: dataclasses.replace(x, b=jax.numpy.asarray(
+      rng.standard_normal(x.b.shape), x.b.dtype)), t, is_leaf=jlora.is_lora)
+  d = llama_hf.export_peft(tmp_path / "a", t, key_map=km)
+  back = llama_hf.import_peft(d, params, key_map=km)
   for k in names:
     assert (back[k].alpha, back[k].rank) == (t[k].alpha, t[k].rank), k
   np.testing.assert_allclose(jlora.merge(back)["y"], jlora.merge(t)["y"], rtol=1e-6)
   # the patterns PEFT reads select one module each
   with open(os.path.join(d, "adapter_config.json"), encoding="utf-8") as f:
     cfg = json.load(f)
-  for pattern in (*cfg["rank_pattern"], *cfg["alpha_pattern"]):
-    assert [m for m in names.values() if jp._pattern({pattern: 1}, m, None)] == ["enc.q"]
+  for pattern in (*cfg["rank_pattern"], *cfg["alpha_pattern"]):  # PEFT's get_pattern_key
+    assert [m for m in names.values() if re.match(rf"(.*\.)?({pattern})$", m)] == ["enc.q"]
   assert load_file(os.path.join(d, "adapter_model.safetensors"))

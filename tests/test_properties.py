@@ -6,6 +6,7 @@ numerical merge property runs on concrete arrays with fewer examples, with
 random `a` and `b` (never the zero `b` of init).
 """
 
+import dataclasses
 import math
 
 import hypothesis.strategies as st
@@ -89,7 +90,7 @@ def test_merge_matches_reference(c, seed):
   spec = jax.eval_shape(lambda p: _apply(c, p), {"layers": {"kernel": w}})["layers"]["kernel"]
   a = jnp.asarray(rng.standard_normal(spec.a.shape, np.float32))
   b = jnp.asarray(rng.standard_normal(spec.b.shape, np.float32))
-  leaf = jlora.LoRA(w, a, b, spec.alpha, spec.a_axes, spec.stack, spec.rslora)
+  leaf = dataclasses.replace(spec, w=w, a=a, b=b)
   got = jlora.merge({"k": leaf})["k"]
   assert got.shape == shape and got.dtype == c["dtype"]
   # Reference: per stack slice, (prod(a dims), r) @ (r, prod(b dims)), axes put back.

@@ -45,7 +45,7 @@ def _expected_ab(w_spec, a_axes, stack, ndim):
 
 
 def test_adapter_specs_random_layouts():
-  from jlora._src.sharding import adapter_specs
+  from jlora.sharding import adapter_specs
   rng = np.random.default_rng(0)
   axes = ["data", "fsdp", "tensor", "expert", None, None]
   for _ in range(200):
@@ -65,7 +65,7 @@ def test_partition_specs_of_abstract_llama_and_gemma_trees():
   import jax
   import jlora
   from jax.sharding import PartitionSpec as P
-  from jlora._src.sharding import partition_specs, path_specs
+  from jlora.sharding import partition_specs, path_specs
   from recipes.models import gemma, llama
   cfg = llama.LlamaConfig.tiny()
   tok = jax.ShapeDtypeStruct((1, 4), np.int32)
@@ -93,7 +93,7 @@ def test_errors_name_the_path_and_the_fix():
   import jax.numpy as jnp
   import jlora
   from jax.sharding import PartitionSpec as P
-  from jlora._src.sharding import partition_specs, path_specs, shardings
+  from jlora.sharding import partition_specs, path_specs, shardings
   params = {"q_proj": jax.ShapeDtypeStruct((8, 16), jnp.float32)}
   with pytest.raises(ValueError, match=r"'q_proj' of shape \(8, 16\).*at most 2 entries"):
     path_specs(params, [("q_proj", P("a", "b", "c"))])
@@ -231,7 +231,7 @@ def _worker() -> dict:
   from jax.sharding import AxisType, NamedSharding
 
   import jlora
-  from jlora._src import sharding as S
+  from jlora import sharding as S
   from recipes.models import llama
 
   out: dict = {"devices": jax.device_count()}
@@ -269,8 +269,8 @@ def _worker() -> dict:
   out["shardings_match_arrays"] = all(
       a.spec == b.spec and a.mesh == b.mesh
       for a, b in zip(jax.tree.leaves(sh), jax.tree.leaves(arr_sh)))
-  step = S.sharded_train_step(lambda t, tok: llama.lm_loss(jlora.lora(model.apply)(
-      {"params": t}, tok), tok), optax.adam(3e-2, eps=1e-3), mesh)
+  step = jlora.train_step(lambda t, tok: llama.lm_loss(jlora.lora(model.apply)(
+      {"params": t}, tok), tok), optax.adam(3e-2, eps=1e-3), mesh=mesh)
   state = step.init(lp_s)
   inner = state.inner_states["train"].inner_state[0] if hasattr(state, "inner_states") else None
   if inner is None:
@@ -352,8 +352,8 @@ def _flax_boxes(mesh):
   from jax.sharding import PartitionSpec as P
 
   import jlora
-  from jlora._src import compat
-  from jlora._src import sharding as S
+  from jlora import sharding as S
+  from tests.helpers import variable_value
 
   rules = (("embed", "fsdp"), ("mlp", "tensor"))
   init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
@@ -386,12 +386,12 @@ def _flax_boxes(mesh):
     # flax >= 0.12 shards at init under set_mesh, 0.11 keeps only the names: place it either way.
     state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
   lst = jlora.apply(state, rank=2)
-  leaf = compat.variable_value(lst["q_proj"]["kernel"])
+  leaf = variable_value(lst["q_proj"]["kernel"])
   specs = S.partition_specs(lst)
   sv = specs["q_proj"]["kernel"]
   nn_out = dict(a=list(tuple(leaf.a.sharding.spec)), b=list(tuple(leaf.b.sharding.spec)),
                 specs_keep_variable=isinstance(sv, nnx.Variable))
-  sv = compat.variable_value(sv)
+  sv = variable_value(sv)
   nn_out["specs"] = [list(tuple(sv.w)), list(tuple(sv.a)), list(tuple(sv.b))]
   del P
   return lin, nn_out
@@ -406,7 +406,7 @@ def _hlo_counts():
   from jax.sharding import PartitionSpec as P
 
   import jlora
-  from jlora._src import sharding as S
+  from jlora import sharding as S
 
   mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
   k = jax.random.split(jax.random.key(1), 3)
@@ -428,7 +428,7 @@ def _hlo_counts():
   out["forward_w_gathers"], _ = _collectives(fwd.lower(lp, x).compile().as_text(), w_shapes)
   for name, fn, adapters in (("factored", fact, "derived"), ("merge", merge, "derived"),
                              ("replicated", fact, "replicated")):
-    step = S.sharded_train_step(fn, optax.sgd(1e-2), mesh, adapters=adapters)
+    step = jlora.train_step(fn, optax.sgd(1e-2), mesh=mesh, adapters=adapters)
     state = step.init(lp)
     g, red = _collectives(step.lower(lp, state, x).compile().as_text(), w_shapes)
     out[f"{name}_w_gathers"], out[f"{name}_w_reductions"] = g, red

@@ -178,34 +178,34 @@ def _q_loss(t, x):
 
 def test_sharded_batch_axes_typo_and_missing_batch_axis():
   mesh = _mesh("data", "tensor")
-  with pytest.raises(ValueError, match=r"jlora.sharded_train_step: batch_axes names 'dat', "
+  with pytest.raises(ValueError, match=r"jlora.train_step: batch_axes names 'dat', "
                                        r"which is not an axis of the mesh \('data', 'tensor'\)"
                                        r".*'data'"):
-    jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh, batch_axes="dat")
+    jlora.train_step(_q_loss, optax.adam(1e-2), mesh=mesh, batch_axes="dat")
   with pytest.raises(ValueError, match=r"batch_axes names 'fsdpp'"):
-    jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh, batch_axes=("data", "fsdpp"))
+    jlora.train_step(_q_loss, optax.adam(1e-2), mesh=mesh, batch_axes=("data", "fsdpp"))
   tp = _mesh("tensor")
   with pytest.raises(ValueError, match=r"the mesh's axes \('tensor',\) hold none of the default "
                                        r"batch axes.*every device.*batch_axes=\(\)"):
-    jlora.sharded_train_step(_q_loss, optax.adam(1e-2), tp)
+    jlora.train_step(_q_loss, optax.adam(1e-2), mesh=tp)
   # Replicating the batch on purpose (tensor parallelism alone): batch_axes=().
-  step = jlora.sharded_train_step(_q_loss, optax.adam(1e-2), tp, batch_axes=())
+  step = jlora.train_step(_q_loss, optax.adam(1e-2), mesh=tp, batch_axes=())
   assert step.batch_spec() == P(None)
   tree = _sharded_tree(tp, 13, P(None, "tensor"))
   _, _, loss = step(tree, step.init(tree), rand((8, 4), 14))
   assert np.isfinite(float(loss))
   # The default keeps the batch axes the mesh has.
-  assert jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh).batch_spec() == P("data")
+  assert jlora.train_step(_q_loss, optax.adam(1e-2), mesh=mesh).batch_spec() == P("data")
 
 
 def test_sharded_step_on_a_tree_with_an_extra_leaf():
   mesh = _mesh("data", "fsdp")
   params = jax.device_put(_two_kernels(15), NamedSharding(mesh, P("fsdp")))
-  step = jlora.sharded_train_step(_qv_loss, optax.adam(1e-2), mesh, donate=False)
+  step = jlora.train_step(_qv_loss, optax.adam(1e-2), mesh=mesh, donate=False)
   tree = jlora.apply(params, rank=2, targets="q_proj")
   state = step.init(tree)
   wider = jlora.apply(params, rank=2, targets="q_proj|v_proj")
-  with pytest.raises(ValueError, match=r"jlora.sharded_train_step: the tree does not have the "
+  with pytest.raises(ValueError, match=r"jlora.train_step: the tree does not have the "
                                        r"structure step.init\(tree\) was given: at 'v_proj'.*"
                                        r"LoRA.*array.*step.init"):
     step(wider, state, rand((8, 4), 16))
@@ -220,21 +220,80 @@ def test_sharded_tied_trainable_weights_on_one_device():
   e = jax.device_put(rand((6, 4), 17), NamedSharding(mesh, P("fsdp")))
   tree = {"embed": jlora.Trainable(e), "head": jlora.Trainable(e),
           "q": jax.device_put(rand((4, 4), 18), NamedSharding(mesh, P()))}
-  step = jlora.sharded_train_step(_tied_loss, optax.adam(1e-2), mesh)
+  step = jlora.train_step(_tied_loss, optax.adam(1e-2), mesh=mesh)
   state = step.init(tree)
-  with pytest.warns(UserWarning, match=r"jlora.sharded_train_step: one array is at 'embed' and "
+  with pytest.warns(UserWarning, match=r"jlora.train_step: one array is at 'embed' and "
                                        r"'head'"):
     new, state, loss = step(tree, state, rand((5, 6), 19))
   assert np.isfinite(float(loss))
   assert not np.array_equal(new["embed"].value, new["head"].value)  # two weights from now on
 
 
+def test_layout_options_need_a_mesh():
+  for kw in (dict(batch_axes=("data",)), dict(adapters="replicated"), dict(base={}),
+             dict(rules=[("embed", "fsdp")])):
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"jlora.train_step: {name}=.* lay the step out on a "
+                                         rf"device mesh, and no mesh was given. Pass mesh="):
+      jlora.train_step(_q_loss, optax.adam(1e-2), **kw)
+  with pytest.raises(TypeError, match=r"jlora.train_step: mesh=\('data',\) is not a "
+                                      r"jax.sharding.Mesh"):
+    jlora.train_step(_q_loss, optax.adam(1e-2), mesh=("data",))
+
+
+class _RowState(NamedTuple):
+  rows: object
+
+
+def _row_stats():
+  """Per parameter, a statistic of another shape (its first axis), as factored optimizers keep."""
+  def init(params):
+    return _RowState(jax.tree.map(lambda p: jnp.zeros(p.shape[:1], p.dtype), params))
+
+  return optax.GradientTransformation(init, lambda u, s, p=None: (u, s))
+
+
+def test_state_shardings_lay_each_moment_out_as_its_parameter():
+  """Through optax.tree_map_params: every copy of the parameters in the state takes their
+  shardings, whatever wraps it; counts, hyperparameters and other shapes are replicated."""
+  mesh = _mesh("fsdp", "tensor")
+  params = jax.device_put(_two_kernels(23), NamedSharding(mesh, P("fsdp", "tensor")))
+  tree = jlora.apply(params, rank=2, targets="q_proj")
+  tree["head"] = jlora.Trainable(jax.device_put(rand((6, 3), 24),
+                                                NamedSharding(mesh, P("fsdp"))))
+  want = jlora.sharding.shardings(tree)
+  tx = jlora.optimizer(optax.chain(
+      _row_stats(), _pull_to_init(0.1), optax.clip_by_global_norm(1.0),
+      optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3)))
+  for made_from in (tree, jlora.split(tree).trainable):
+    state = jax.eval_shape(tx.init, made_from)
+    for given in (tree, made_from):
+      sh = jlora.sharding.state_shardings(tx, state, given)
+      assert jax.tree.structure(sh) == jax.tree.structure(state)
+      rows, anchor, _, hyper = sh.inner_states["train"].inner_state
+      adam = hyper.inner_state[0]
+      for copy in (anchor.anchor, adam.mu, adam.nu):
+        assert copy["q_proj"].a.spec == want["q_proj"].a.spec == P("fsdp")
+        assert copy["q_proj"].b.spec == want["q_proj"].b.spec == P(None, "tensor")
+        assert copy["head"].value.spec == P("fsdp")
+        if made_from is not tree:  # the trainable half: holes where the frozen values are
+          assert copy["q_proj"].w is None and copy["v_proj"] is None
+      replicated = [rows.rows["q_proj"].a, rows.rows["head"].value, adam.count,
+                    hyper.count, hyper.hyperparams["learning_rate"]]
+      assert all(x.spec == P() for x in replicated), replicated
+  with pytest.raises(ValueError, match=r"(?s)jlora.sharding.state_shardings: the optimizer "
+                                       r"state does not fit `tx` and the tree.*Pass the "
+                                       r"transformation that made the state"):
+    jlora.sharding.state_shardings(jlora.optimizer(optax.sgd(1e-2)), state, tree)
+
+
 def test_sharded_batch_leaves_keyed_by_rank():
+
   """A scalar batch argument first, then an array in its place: the array is still split."""
   mesh = _mesh("data", "fsdp")
   tree = _sharded_tree(mesh, 20, P("fsdp"))
   loss = lambda t, x, s: jnp.mean(s) * _q_loss(t, x)
-  step = jlora.sharded_train_step(loss, optax.sgd(1e-2), mesh, donate=False)
+  step = jlora.train_step(loss, optax.sgd(1e-2), mesh=mesh, donate=False)
   state = step.init(tree)
   x = rand((8, 4), 21)
   step(tree, state, x, jnp.float32(2.0))
@@ -265,21 +324,21 @@ def _report() -> dict:
 def test_indivisible_layouts_name_the_path_and_the_fix():
   r = _report()
   assert r["devices"] == 8
-  assert "jlora.sharded_train_step: the array at 'q_proj/w' (shape (8, 16)) cannot take " \
+  assert "jlora.train_step: the array at 'q_proj/w' (shape (8, 16)) cannot take " \
          "P('fsdp')" in r["indivisible_w"], r["indivisible_w"]
   assert "axis 0 (size 8) over 'fsdp' (3 devices)" in r["indivisible_w"]
   assert "adapters='replicated'" not in r["indivisible_w"]
-  assert "jlora.shardings: the adapter at 'q_proj/a' (shape (8, 2))" in r["indivisible_a"]
+  assert "jlora.sharding.shardings: the adapter at 'q_proj/a' (shape (8, 2))" in r["indivisible_a"]
   assert "follow their weight" in r["indivisible_a"]
-  assert "jlora.shardings: the spec P('fsdpp') at 'q_proj/w' names 'fsdpp', which is not an " \
-         "axis of the mesh ('fsdp',)" in r["unknown_axis"], r["unknown_axis"]
+  assert "jlora.sharding.shardings: the spec P('fsdpp') at 'q_proj/w' names 'fsdpp', which is " \
+         "not an axis of the mesh ('fsdp',)" in r["unknown_axis"], r["unknown_axis"]
   assert "'fsdp'" in r["unknown_axis"]
 
 
 @pytest.mark.background(WORKER)
 def test_sharded_batch_that_does_not_divide():
   r = _report()
-  assert ("jlora.sharded_train_step: the batch array args[0] (shape (6, 4)) is split on its "
+  assert ("jlora.train_step: the batch array args[0] (shape (6, 4)) is split on its "
           "leading axis over ('data', 'fsdp') (8 devices)") in r["batch"], r["batch"]
   assert "multiple of 8" in r["batch"]
 
@@ -316,16 +375,17 @@ def _worker() -> dict:
       return str(e)
     return "no error"
 
-  out["indivisible_w"] = err(lambda: jlora.sharded_train_step(
-      _q_loss, optax.adam(1e-2), m3, base={"q_proj": P("fsdp")}).init(tree))
-  out["indivisible_a"] = err(lambda: jlora.shardings(jlora.split(tree).trainable, m3,
-                                                     base={"q_proj": P("fsdp")}))
-  out["unknown_axis"] = err(lambda: jlora.shardings(tree, m3, base={"q_proj": P("fsdpp")}))
+  out["indivisible_w"] = err(lambda: jlora.train_step(
+      _q_loss, optax.adam(1e-2), mesh=m3, base={"q_proj": P("fsdp")}).init(tree))
+  out["indivisible_a"] = err(lambda: jlora.sharding.shardings(jlora.split(tree).trainable, m3,
+                                                              base={"q_proj": P("fsdp")}))
+  out["unknown_axis"] = err(lambda: jlora.sharding.shardings(tree, m3,
+                                                             base={"q_proj": P("fsdpp")}))
 
   mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
   w = jax.device_put(rand((4, 6), 31), NamedSharding(mesh, P("fsdp")))
   t = jlora.apply({"q_proj": w}, rank=2)
-  step = jlora.sharded_train_step(_q_loss, optax.adam(1e-2), mesh, donate=False)
+  step = jlora.train_step(_q_loss, optax.adam(1e-2), mesh=mesh, donate=False)
   out["batch"] = err(lambda: step(t, step.init(t), rand((6, 4), 32)))
 
   # A batch and a state committed elsewhere (one device, e.g. restored there; another
@@ -348,9 +408,9 @@ def _worker() -> dict:
   tied = {"embed": jlora.Trainable(e), "head": jlora.Trainable(e),
           "q": jax.device_put(rand((4, 4), 34), NamedSharding(mesh, P()))}
   x = rand((8, 8), 35)
-  ref = jlora.sharded_train_step(_tied_loss, optax.adam(1e-2), mesh, donate=False)
+  ref = jlora.train_step(_tied_loss, optax.adam(1e-2), mesh=mesh, donate=False)
   ref_tree, _, ref_loss = ref(tied, ref.init(tied), x)
-  step = jlora.sharded_train_step(_tied_loss, optax.adam(1e-2), mesh)
+  step = jlora.train_step(_tied_loss, optax.adam(1e-2), mesh=mesh)
   state = step.init(tied)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

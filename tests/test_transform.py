@@ -1,5 +1,7 @@
 """`jlora.lora(fn)`: factored execution equals the merged weights, through control flow."""
 
+import dataclasses
+import types
 import warnings
 
 import flax.linen as nn
@@ -25,7 +27,7 @@ def randomize_b(tree, seed=1, alpha_mult=1.5):
   for i, x in enumerate(leaves):
     if isinstance(x, jlora.LoRA):
       b = jax.random.normal(jax.random.key(seed + i), x.b.shape, x.b.dtype) * 0.5
-      x = jlora.LoRA(x.w, x.a, b, x.alpha * alpha_mult, x.a_axes, x.stack, x.rslora)
+      x = dataclasses.replace(x, b=b, alpha=x.alpha * alpha_mult)
     out.append(x)
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -547,21 +549,18 @@ def _fold_case(k=24, n=64, r=8, m=16):
 def test_folded_adapter_matmul_equals_the_unfolded_one(monkeypatch):
   """`[x, s·x·a]·[w; b]` as one matmul: same values, gradients (reverse and forward mode)
   and no full weight gradient for a frozen w; w's own gradient when w is differentiated."""
-  from jlora._src import transform
   tree, x, f = _fold_case()
   lv = tree["up_proj"]
-  loss = lambda tr, x: jnp.sum(jlora.lora(f, strict=True)(tr, x) ** 2)
   train, frozen = jlora.split(tree)
-  full = lambda tr, x: loss(jlora.combine(tr, frozen), x)
-  wgrad = lambda w, x: jax.grad(
-      lambda w: loss({"up_proj": jlora.LoRA(w, lv.a, lv.b, lv.alpha, lv.a_axes, lv.stack,
-                                            lv.rslora)}, x))(w)
   tangent = jax.random.normal(jax.random.key(31), x.shape)
-  fwd_mode = lambda: jax.jvp(lambda x: jlora.lora(f)(tree, x), (x,), (tangent,))
   res = {}
   for mode in ("never", "always"):
-    monkeypatch.setattr(transform, "_FOLD", mode)
-    y = jlora.lora(f)(tree, x)
+    loss = lambda tr, x: jnp.sum(jlora.lora(f, strict=True, fold=mode)(tr, x) ** 2)
+    full = lambda tr, x: loss(jlora.combine(tr, frozen), x)
+    wgrad = lambda w, x: jax.grad(
+        lambda w: loss({"up_proj": dataclasses.replace(lv, w=w)}, x))(w)
+    fwd_mode = lambda: jax.jvp(lambda x: jlora.lora(f, fold=mode)(tree, x), (x,), (tangent,))
+    y = jlora.lora(f, fold=mode)(tree, x)
     (val, g), gx = jax.value_and_grad(full)(train, x), jax.grad(full, 1)(train, x)
     res[mode] = (y, val, g, gx, wgrad(lv.w, x), fwd_mode())
     jaxpr = jax.make_jaxpr(jax.grad(full))(train, x).jaxpr
@@ -577,29 +576,57 @@ def test_folded_adapter_matmul_equals_the_unfolded_one(monkeypatch):
   assert float(jnp.abs(res["always"][2]["up_proj"].a).max()) > 0
 
 
-def _folds(k, n, r):
-  """Whether jlora.lora folds `_fold_case(k, n, r)` (M = 32 rows)."""
+def _folds(k, n, r, fold="auto", close_over_tree=False):
+  """Whether jlora.lora folds `_fold_case(k, n, r)` (M = 32 rows) under a trace: the tree
+  traced too (its platform unknown), or closed over as concrete arrays (on the CPU)."""
   tree, x, f = _fold_case(k, n, r)
-  jaxpr = jax.make_jaxpr(jlora.lora(f))(tree, x).jaxpr
+  if close_over_tree:
+    jaxpr = jax.make_jaxpr(lambda x: jlora.lora(f, fold=fold)(tree, x))(x).jaxpr
+  else:
+    jaxpr = jax.make_jaxpr(jlora.lora(f, fold=fold))(tree, x).jaxpr
   return any(e.primitive.name == "concatenate" for e in iter_eqns(jaxpr))
+
+
+def _on_a_gpu(monkeypatch):
+  """The default backend reads as a GPU (what jlora.lora falls back to under a trace)."""
+  gpu = types.SimpleNamespace(platform="gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a, **k: [gpu])
 
 
 def test_fold_rule_on_gpu_takes_wide_up_projections_only(monkeypatch):
   """By default the fold runs on GPUs only, for N >= 2K and K + r a multiple of 8."""
-  from jlora._src import transform
   assert jax.default_backend() == "cpu" and not _folds(24, 64, 8)
-  monkeypatch.setattr(transform.jax, "default_backend", lambda: "gpu")
+  _on_a_gpu(monkeypatch)
   assert _folds(24, 64, 8) and _folds(24, 48, 8)
   assert not _folds(24, 47, 8)  # N < 2K: the add is cheaper than the copies
   assert not _folds(24, 64, 4)  # K + r = 28: unaligned rows
+  assert not _folds(24, 64, 8, fold="never")
+
+
+def test_fold_rule_reads_the_platform_where_the_arrays_live(monkeypatch):
+  """Concrete arrays (a tree closed over under a trace) and a mesh set with jax.set_mesh
+  say where the function runs; the default backend only decides when neither does."""
+  _on_a_gpu(monkeypatch)
+  assert _folds(24, 64, 8)  # every operand traced: the default backend (faked GPU)
+  assert not _folds(24, 64, 8, close_over_tree=True)  # the weights live on the CPU
+  assert _folds(24, 64, 8, fold="always", close_over_tree=True)  # "always": any platform
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.local_devices()[:1])):
+    # The mesh's devices are CPUs; a trace sees that where JAX's abstract mesh records its
+    # platform (not on jax 0.7.2, where the default backend decides).
+    seen = getattr(jax.sharding.get_abstract_mesh().abstract_device, "platform", None)
+    assert _folds(24, 64, 8) == (seen is None)
+
+
+def test_fold_argument_is_checked():
+  with pytest.raises(ValueError, match=r"jlora.lora: fold='gpu' is not one of \('auto', "
+                                       r"'never', 'always', 'bytes'\)"):
+    jlora.lora(lambda p: p, fold="gpu")
 
 
 def test_fold_rule_by_bytes_alone(monkeypatch):
-  """`_FOLD = "bytes"` folds where 4·M·N > 2·M·K + 2·K·N, whatever N/K (GPUs only)."""
-  from jlora._src import transform
-  monkeypatch.setattr(transform, "_FOLD", "bytes")
-  assert not _folds(24, 20, 8)  # on the CPU: never
-  monkeypatch.setattr(transform.jax, "default_backend", lambda: "gpu")
-  assert _folds(24, 20, 8)  # 2560 > 1536 + 960
-  assert not _folds(24, 16, 8)  # 2048 < 1536 + 768
-  assert not _folds(24, 20, 4)  # K + r = 28: unaligned rows
+  """`fold="bytes"` folds where 4·M·N > 2·M·K + 2·K·N, whatever N/K (GPUs only)."""
+  assert not _folds(24, 20, 8, fold="bytes")  # on the CPU: never
+  _on_a_gpu(monkeypatch)
+  assert _folds(24, 20, 8, fold="bytes")  # 2560 > 1536 + 960
+  assert not _folds(24, 16, 8, fold="bytes")  # 2048 < 1536 + 768
+  assert not _folds(24, 20, 4, fold="bytes")  # K + r = 28: unaligned rows

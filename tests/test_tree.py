@@ -1,5 +1,6 @@
 """split/combine, merge/base, count/summary, and jit/grad/vmap through LoRA leaves."""
 
+import dataclasses
 import math
 import sys
 import textwrap
@@ -114,7 +115,7 @@ def test_merge_stacked_equals_per_slice_merge():
   merged = jlora.merge(lp)["layers"]["value"]
   leaf = lp["layers"]["value"]
   for i in range(3):
-    one = jlora.LoRA(leaf.w[i], leaf.a[i], leaf.b[i], leaf.alpha, leaf.a_axes)
+    one = dataclasses.replace(leaf, w=leaf.w[i], a=leaf.a[i], b=leaf.b[i], stack=0)
     np.testing.assert_allclose(merged[i], jlora.merge({"v": one})["v"], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(merged, np.asarray(leaf.w) + _reference_delta(leaf), rtol=1e-6,
                              atol=1e-6)

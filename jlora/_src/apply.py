@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -13,10 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from jlora._src import paths as P
-from jlora._src import sharding as S
 from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.specs import adapter_specs
 
 LAYOUTS = ("keras", "fan")
 INITS = ("he_uniform", "gaussian")
@@ -532,15 +534,56 @@ def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, i
   k = _path_key(key, ps)
   a_shape = stack_shape + a_dims + (r,)
   b_shape = stack_shape + (r,) + b_dims
-  # A weight sharded on a mesh: the adapters are created sharded after it (jlora.shardings).
   lim = math.sqrt(6.0 / fan_in) if init == "he_uniform" else 1.0 / r
-  placed = S.init_adapters_like(leaf, k, a_shape, b_shape, dtype, init, lim, a_axes, n_stack)
-  if placed is not None:
-    a, b = placed
-    return LoRA(w=leaf, a=a, b=b, alpha=al, a_axes=a_axes, stack=n_stack, rslora=rslora)
-  if init == "he_uniform":
-    a = jax.random.uniform(k, a_shape, dtype, -lim, lim)
-  else:
-    a = jax.random.normal(k, a_shape, dtype) * jnp.asarray(1.0 / r, dtype)
-  b = jnp.zeros(b_shape, dtype)
+  a, b = make_adapters(leaf, k, a_shape, b_shape, dtype, init, lim, a_axes, n_stack)
   return LoRA(w=leaf, a=a, b=b, alpha=al, a_axes=a_axes, stack=n_stack, rslora=rslora)
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _init_adapters(key, a_shape, b_shape, dtype, init, lim):
+  if init == "he_uniform":
+    a = jax.random.uniform(key, a_shape, dtype, -lim, lim)
+  else:
+    a = jax.random.normal(key, a_shape, dtype) * np.asarray(lim, dtype)
+  return a, jnp.zeros(b_shape, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter_maker(a_sharding, b_sharding):
+  # out_shardings (not with_sharding_constraint) works on Auto and Explicit meshes alike.
+  return jax.jit(_init_adapters, static_argnums=(1, 2, 3, 4, 5),
+                 out_shardings=(a_sharding, b_sharding))
+
+
+def adapter_shardings_like(w: Any, a_axes: Sequence[int], stack: int
+                           ) -> tuple[NamedSharding, NamedSharding] | None:
+  """`(a_sharding, b_sharding)` for a concrete weight with a `NamedSharding`, else None."""
+  if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array):
+    return None
+  sh = getattr(w, "sharding", None)
+  if not isinstance(sh, NamedSharding) or not isinstance(sh.mesh, Mesh):
+    return None
+  a, b = adapter_specs(sh.spec, a_axes, stack, w.ndim)
+  return NamedSharding(sh.mesh, a), NamedSharding(sh.mesh, b)
+
+
+def make_adapters(w, key, a_shape, b_shape, dtype, init, lim, a_axes, stack):
+  """`(a, b)` for the weight `w`, laid out after it when it is a sharded array.
+
+  `a` is `uniform(-lim, lim)` (`init="he_uniform"`) or `normal * lim`
+  (`init="gaussian"`), `b` zeros; a sharded weight's adapters hold the same values,
+  with the layout `jlora.sharding.adapter_specs` derives from the weight's. On one
+  host they are made and then placed with `jax.device_put`; when the mesh spans
+  several hosts they are made under `jax.jit` with those `out_shardings`, so each
+  process creates only its own shards.
+  """
+  args = (key, tuple(a_shape), tuple(b_shape), np.dtype(dtype), init, float(lim))
+  shs = adapter_shardings_like(w, a_axes, stack)
+  if shs is None:
+    return _init_adapters(*args)
+  if all(s.is_fully_addressable for s in shs):  # one host: make, then lay out (no compile)
+    a, b = _init_adapters(*args)
+    return jax.device_put(a, shs[0]), jax.device_put(b, shs[1])
+  return _adapter_maker(*shs)(*args)  # several hosts: each makes only its own shards

@@ -38,6 +38,7 @@ jlora before this layout) are still read; overwriting one converts it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -58,6 +59,7 @@ import orbax.checkpoint as ocp
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.version import VERSION
 
 try:
   import fcntl
@@ -106,14 +108,6 @@ class _Entry(NamedTuple):
   kind: str  # "lora" | "trainable"
   node: Any
   keys: list[str]  # the path's components (a key may hold '/')
-
-
-def _version() -> str:
-  try:
-    import jlora  # pylint: disable=import-outside-toplevel
-    return str(getattr(jlora, "__version__", "unknown"))
-  except ImportError:  # pragma: no cover - only while the package itself is importing
-    return "unknown"
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -406,7 +400,7 @@ def _metadata(entries, base, opt_flat, step, user, save_id) -> dict:
   return {
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
-      "jlora_version": _version(),
+      "jlora_version": VERSION,
       "save_id": save_id,
       "step": step,
       "targets": list(adapters),
@@ -631,7 +625,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
   if version not in (1, FORMAT_VERSION) or (version == 1) != meta_file.endswith(_V1_META[-1]):
     raise ValueError(
         f"jlora.restore: {directory!r} has format version {version!r}; this jlora (version "
-        f"{_version()}) reads versions 1 and {FORMAT_VERSION}. Upgrade jlora.")
+        f"{VERSION}) reads versions 1 and {FORMAT_VERSION}. Upgrade jlora.")
   if version != 1 and not (isinstance(meta.get("save_id"), str)
                            and _ID_RE.fullmatch(meta["save_id"])):
     raise ValueError(
@@ -736,7 +730,8 @@ def _tree_from_metadata(meta, arrays):
   for ps, m in meta["adapters"].items():
     v = arrays[m["key"]]
     _put(out, m.get("keys", ps.split("/")),
-         LoRA(None, v["a"], v["b"], m["alpha"], tuple(m["a_axes"]), m["stack"], m["rslora"]))
+         LoRA(w=None, a=v["a"], b=v["b"], alpha=m["alpha"], a_axes=tuple(m["a_axes"]),
+              stack=m["stack"], rslora=m["rslora"]))
   for ps, m in meta["trainable"].items():
     _put(out, m.get("keys", ps.split("/")), Trainable(arrays[m["key"]]["value"]))
   return out
@@ -890,7 +885,7 @@ def restore(directory: str | os.PathLike, target: Any = None, *, opt_state: Any 
       e = by_path.get(ps)
       if e is not None and e.kind == "lora":
         v = arrays[meta["adapters"][ps]["key"]]
-        new.append(LoRA(x.w, v["a"], v["b"], x.alpha, x.a_axes, x.stack, x.rslora))
+        new.append(dataclasses.replace(x, a=v["a"], b=v["b"]))
       elif e is not None:
         new.append(Trainable(arrays[meta["trainable"][ps]["key"]]["value"]))
       else:

@@ -39,6 +39,25 @@ def get_mesh():
   return None if m is None or getattr(m, "empty", False) else m
 
 
+def mesh_platform() -> str | None:
+  """The platform of the mesh set with `jax.set_mesh`, inside a trace too, or None.
+
+  Newer JAX records it on the abstract mesh (`abstract_device.platform`), which is
+  what a trace sees; outside a trace the concrete mesh's devices say it. JAX 0.7.2's
+  abstract mesh does not record it, so there it is known outside a trace only.
+  """
+  get_abstract = getattr(jax.sharding, "get_abstract_mesh", None)
+  am = get_abstract() if get_abstract is not None else None
+  platform = getattr(getattr(am, "abstract_device", None), "platform", None)
+  if platform:
+    return platform
+  try:
+    m = get_mesh()
+  except ValueError:  # newer JAX: the concrete mesh is not readable inside a trace
+    return None
+  return m.devices.flat[0].platform if isinstance(m, jax.sharding.Mesh) else None
+
+
 def variable_value(v):
   """The value of a Flax NNX `Variable` (`get_value()` on flax >= 0.12, `.value` before)."""
   get = getattr(type(v), "get_value", None)

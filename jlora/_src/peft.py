@@ -1,24 +1,4 @@
-"""Hugging Face interop: PEFT LoRA adapters to and from jlora trees, merged safetensors.
-
-A *key map* ties jlora paths to Hugging Face tensor names. It is a callable
-`key_map(path) -> (name, transpose) | None` taking a '/'-joined jlora path:
-
-* `name` is the Hugging Face tensor name, with one `{}` per leading stack axis
-  of the jlora leaf (layers stacked for `lax.scan`), filled in with the index
-  along that axis: `"model.layers.{}.self_attn.q_proj.weight"`;
-* `transpose` is True where the Hugging Face tensor is the transpose of the
-  jlora slice: a torch `nn.Linear` weight is `(out, in)`, a Flax kernel
-  `(in, out)`;
-* None means the leaf has no Hugging Face counterpart.
-
-`llama_key_map` is the map of `recipes.models.llama` (and of any Flax tree laid
-out the same way). PEFT adapters hold, per adapted `nn.Linear` module `m`,
-`base_model.model.{m}.lora_A.weight` of shape `(r, in)` and
-`base_model.model.{m}.lora_B.weight` of shape `(out, r)`, with the update
-`scale * B @ A` and `scale = lora_alpha / r` (`/ sqrt(r)` with `use_rslora`).
-A jlora `LoRA` leaf on an `(in, out)` kernel holds `a (in, r)` and `b (r, out)`,
-so `a == A.T`, `b == B.T` and the scales agree: alpha carries over as is.
-"""
+"""PEFT LoRA adapters to and from jlora trees, merged safetensors (see `jlora.hf`)."""
 
 from __future__ import annotations
 
@@ -46,52 +26,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])"
                      r"(?:\.(?P<name>[A-Za-z0-9_-]+))?\.weight$")
-_LEAF_NAMES = {"kernel": ("weight", True), "embedding": ("weight", False),
-               "scale": ("weight", False), "bias": ("bias", False)}
 
 
-def llama_key_map(path: str) -> tuple[str, bool] | None:
-  """The Hugging Face name of a leaf of a Llama-family Flax tree.
-
-  Covers the tree of `recipes.models.llama` (layers stacked on a leading axis)
-  and the same layout with one dict per layer (`layers/0/...`): `kernel`
-  becomes the transposed `weight`, `embedding` and `scale` become `weight`,
-  everything under `model.` except `lm_head`.
-
-  Example:
-    >>> from jlora._src.peft import llama_key_map
-    >>> llama_key_map("layers/self_attn/q_proj/kernel")
-    ('model.layers.{}.self_attn.q_proj.weight', True)
-    >>> llama_key_map("layers/3/mlp/down_proj/kernel")
-    ('model.layers.3.mlp.down_proj.weight', True)
-    >>> llama_key_map("embed_tokens/embedding")
-    ('model.embed_tokens.weight', False)
-    >>> llama_key_map("lm_head/kernel")
-    ('lm_head.weight', True)
-    >>> llama_key_map("rope/cache") is None
-    True
-  """
-  parts = path.split("/")
-  if len(parts) < 2 or parts[-1] not in _LEAF_NAMES:
-    return None
-  suffix, transpose = _LEAF_NAMES[parts[-1]]
-  module = parts[:-1]
-  if module == ["lm_head"]:
-    return f"lm_head.{suffix}", transpose
-  if module[0] == "layers" and len(module) > 1:
-    rest = module[1:] if module[1].isdigit() else ["{}", *module[1:]]
-    return ".".join(["model", "layers", *rest, suffix]), transpose
-  if module[0] in ("embed_tokens", "norm") and len(module) == 1:
-    return f"model.{module[0]}.{suffix}", transpose
-  return None
-
-
-def _resolve(key_map) -> KeyMap:
-  if key_map == "llama":
-    return llama_key_map
+def _resolve(key_map, fn: str) -> KeyMap:
   if not callable(key_map):
-    raise TypeError(f"jlora: key_map must be 'llama' or a callable path -> (name, transpose) | "
-                    f"None; got {key_map!r}.")
+    raise TypeError(f"jlora.hf.{fn}: key_map must be a callable path -> (name, transpose) | "
+                    f"None; got {key_map!r}. Write the map of your tree's layout, e.g. "
+                    f"key_map={{'layers/q_proj/kernel': ('model.layers.{{}}.q_proj.weight', "
+                    f"True)}}.get (see jlora.hf's module docstring).")
   return key_map
 
 
@@ -104,7 +46,7 @@ def _lookup(key_map: KeyMap, ps: str, fn: str):
   except (TypeError, ValueError):
     name, transpose = None, None
   if not isinstance(name, str) or not isinstance(transpose, bool):
-    raise TypeError(f"jlora.{fn}: key_map({ps!r}) returned {out!r}; it must return a "
+    raise TypeError(f"jlora.hf.{fn}: key_map({ps!r}) returned {out!r}; it must return a "
                     f"(name: str, transpose: bool) pair, or None for leaves without a Hugging "
                     f"Face name.")
   return name, transpose
@@ -139,7 +81,7 @@ def _replace_files(files: dict[str, Callable[[str], None]], fn: str) -> None:
 def _refuse_existing(paths: list[str], overwrite: bool, fn: str) -> None:
   there = [p for p in paths if os.path.exists(p)]
   if there and not overwrite:
-    raise FileExistsError(f"jlora.{fn}: {there[0]!r} already exists. Pass overwrite=True to "
+    raise FileExistsError(f"jlora.hf.{fn}: {there[0]!r} already exists. Pass overwrite=True to "
                           f"replace it, or write elsewhere.")
 
 
@@ -160,7 +102,7 @@ def _exact(module: str) -> str:
   return "^" + re.escape(module)
 
 
-def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMap = "llama",
+def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: KeyMap,
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
                 dtype: Any = None, overwrite: bool = False) -> str:
   """Writes the adapters of a jlora tree as a PEFT LoRA adapter.
@@ -178,7 +120,8 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
     tree: a jlora tree whose `LoRA` leaves sit on 2-D `(in, out)` kernels
       (after their stack axes) that the key map names as transposed
       `...weight` tensors of `nn.Linear` modules.
-    key_map: `"llama"` (`llama_key_map`) or a callable, see the module doc.
+    key_map: the key map of the tree's layout (`path -> (name, transpose) |
+      None`), see the module docstring.
     base_model_name_or_path: recorded in the config (e.g. the hub id).
     task_type: PEFT's task type (e.g. `"CAUSAL_LM"`), recorded in the config.
     dtype: cast the adapter tensors (default: keep the adapters' dtype).
@@ -197,14 +140,15 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
 
   Example:
     >>> import os, tempfile, jax, jax.numpy as jnp, jlora
-    >>> from jlora._src.peft import export_peft
     >>> params = {"layers": {"self_attn": {"q_proj": {"kernel": jnp.ones((2, 8, 8))}}}}
     >>> t = jlora.apply(params, rank=2, stacked="^layers/")
-    >>> d = export_peft(os.path.join(tempfile.mkdtemp(), "adapter"), t)
+    >>> q = "layers/self_attn/q_proj/kernel"
+    >>> names = {q: ("model.layers.{}.self_attn.q_proj.weight", True)}
+    >>> d = jlora.hf.export_peft(os.path.join(tempfile.mkdtemp(), "adapter"), t, key_map=names.get)
     >>> sorted(os.listdir(d))
     ['adapter_config.json', 'adapter_model.safetensors']
   """
-  key_map = _resolve(key_map)
+  key_map = _resolve(key_map, "export_peft")
   directory = os.fspath(os.path.abspath(directory))
   tensors: dict[str, np.ndarray] = {}
   modules: dict[str, tuple[int, float]] = {}
@@ -213,62 +157,62 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: str | KeyMa
     ps = P.path_str(path)
     if isinstance(x, Trainable):
       raise ValueError(
-          f"jlora.export_peft: {ps!r} is a jlora.Trainable leaf; PEFT LoRA adapters hold LoRA "
-          f"factors only. Fold it in with jlora.export_merged, keep it with jlora.save, or "
+          f"jlora.hf.export_peft: {ps!r} is a jlora.Trainable leaf; PEFT LoRA adapters hold LoRA "
+          f"factors only. Fold it in with jlora.hf.export_merged, keep it with jlora.save, or "
           f"leave it out of the tree given here (e.g. replace it with its .value).")
     if not isinstance(x, LoRA):
       continue
     if x.a is None or x.b is None:
-      raise ValueError(f"jlora.export_peft: the LoRA leaf at {ps!r} has no adapters (the "
+      raise ValueError(f"jlora.hf.export_peft: the LoRA leaf at {ps!r} has no adapters (the "
                        f"frozen half of jlora.split); pass the whole tree or its trainable half.")
     if x.ndim != 2 or tuple(x.a_axes) != (0,):
       raise ValueError(
-          f"jlora.export_peft: the LoRA leaf at {ps!r} adapts a {x.ndim}-d kernel (a_axes "
+          f"jlora.hf.export_peft: the LoRA leaf at {ps!r} adapts a {x.ndim}-d kernel (a_axes "
           f"{x.a_axes}, stack {x.stack}, a {tuple(x.a.shape)}, b {tuple(x.b.shape)}); PEFT "
           f"LoRA covers 2-D (in, out) Linear kernels only. Reshape the kernel to 2-D (e.g. "
           f"merge the head axes) before jlora.apply, or export merged weights with "
-          f"jlora.export_merged.")
+          f"jlora.hf.export_merged.")
     named = _lookup(key_map, ps, "export_peft")
     if named is None:
       raise ValueError(
-          f"jlora.export_peft: key_map has no Hugging Face name for the LoRA leaf at {ps!r}. "
+          f"jlora.hf.export_peft: key_map has no Hugging Face name for the LoRA leaf at {ps!r}. "
           f"Pass a key_map that maps it, e.g. lambda p: ('model.layers.{{}}.q_proj.weight', "
           f"True) for a stacked kernel.")
     name, transpose = named
     n_fields = name.count("{}")
     if not transpose or not name.endswith(".weight"):
       raise ValueError(
-          f"jlora.export_peft: key_map maps the LoRA leaf at {ps!r} to {name!r} with "
+          f"jlora.hf.export_peft: key_map maps the LoRA leaf at {ps!r} to {name!r} with "
           f"transpose={transpose}; PEFT adapts nn.Linear modules, whose '<module>.weight' is "
           f"the transpose of the (in, out) kernel. Return (<module>.weight, True) for it.")
     if n_fields != x.stack:
       raise ValueError(
-          f"jlora.export_peft: the LoRA leaf at {ps!r} has {x.stack} stack axes but its "
+          f"jlora.hf.export_peft: the LoRA leaf at {ps!r} has {x.stack} stack axes but its "
           f"Hugging Face name {name!r} has {n_fields} '{{}}' fields; the key map needs one "
           f"'{{}}' per stack axis (build the tree with jlora.apply(..., stacked=...) to match).")
     leaf_alpha = x.alpha
     if (isinstance(leaf_alpha, bool) or not isinstance(leaf_alpha, (int, float, np.number))
         or not math.isfinite(leaf_alpha)):
       raise ValueError(
-          f"jlora.export_peft: the LoRA leaf at {ps!r} has alpha {leaf_alpha!r}; PEFT's lora_alpha "
-          f"must be a finite number (a NaN or infinite alpha makes the adapted weight NaN or "
-          f"inf, and is no valid JSON). Rebuild the leaf with a finite alpha, e.g. "
+          f"jlora.hf.export_peft: the LoRA leaf at {ps!r} has alpha {leaf_alpha!r}; PEFT's "
+          f"lora_alpha must be a finite number (a NaN or infinite alpha makes the adapted "
+          f"weight NaN or inf, and is no valid JSON). Rebuild the leaf with a finite alpha, e.g. "
           f"jlora.apply(params, ..., alpha=16.0).")
     rslora.add(bool(x.rslora))
     a, b = _np(x.a, dtype), _np(x.b, dtype)
     for idx in np.ndindex(*a.shape[:x.stack]):
       module = name.format(*idx)[:-len(".weight")]
       if module in modules:
-        raise ValueError(f"jlora.export_peft: key_map maps two leaves to {module!r} (the "
+        raise ValueError(f"jlora.hf.export_peft: key_map maps two leaves to {module!r} (the "
                          f"second is {ps!r}); each module needs its own name.")
       modules[module] = (x.rank, float(x.alpha))
       tensors[f"{_PREFIX}{module}.lora_A.weight"] = a[idx].T
       tensors[f"{_PREFIX}{module}.lora_B.weight"] = b[idx].T
   if not modules:
-    raise ValueError("jlora.export_peft: the tree holds no jlora.LoRA leaf, so there is no "
+    raise ValueError("jlora.hf.export_peft: the tree holds no jlora.LoRA leaf, so there is no "
                      "adapter to export. Call jlora.apply(params, ...) first.")
   if len(rslora) > 1:
-    raise ValueError("jlora.export_peft: some LoRA leaves use rslora and some do not; a PEFT "
+    raise ValueError("jlora.hf.export_peft: some LoRA leaves use rslora and some do not; a PEFT "
                      "config has a single use_rslora flag. Build the tree with one setting.")
   r = collections.Counter(v[0] for v in modules.values()).most_common(1)[0][0]
   alpha = collections.Counter(v[1] for v in modules.values()).most_common(1)[0][0]
@@ -370,7 +314,7 @@ def _check_regex(cfg_path: str, what: str, text: str, wrap=lambda t: t) -> None:
   try:
     re.compile(wrap(text))
   except re.error as e:
-    raise ValueError(f"jlora.import_peft: in {cfg_path!r}, the {what} {text!r} is not a valid "
+    raise ValueError(f"jlora.hf.import_peft: in {cfg_path!r}, the {what} {text!r} is not a valid "
                      f"regex ({e}). Fix it (PEFT fails on it too).") from e
 
 
@@ -383,7 +327,7 @@ def _check_names(cfg: dict, cfg_path: str, field: str, regex_ok: bool, wrap=None
     return
   if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
     kind = "a list of names or a regex (a str)" if regex_ok else "a list of names"
-    raise ValueError(f"jlora.import_peft: {cfg_path!r} has {field}={v!r}; it must be {kind}. "
+    raise ValueError(f"jlora.hf.import_peft: {cfg_path!r} has {field}={v!r}; it must be {kind}. "
                      f"Fix the config.")
   if wrap is not None:
     for x in v:
@@ -392,26 +336,26 @@ def _check_names(cfg: dict, cfg_path: str, field: str, regex_ok: bool, wrap=None
 
 def _check_config(cfg: dict, cfg_path: str) -> None:
   """Refuses a config whose adapter PEFT would load to other weights than jlora, or not at all."""
-  bad = lambda what, fix: ValueError(f"jlora.import_peft: {cfg_path!r} has {what}; {fix} Fix "
+  bad = lambda what, fix: ValueError(f"jlora.hf.import_peft: {cfg_path!r} has {what}; {fix} Fix "
                                      f"the config.")
   for flag, why in _UNSUPPORTED.items():
     if cfg.get(flag):
       raise ValueError(
-          f"jlora.import_peft: {cfg_path!r} sets {flag}={json.dumps(cfg[flag])}: {why}, which a "
+          f"jlora.hf.import_peft: {cfg_path!r} sets {flag}={json.dumps(cfg[flag])}: {why}, which a "
           f"jlora.LoRA leaf does not compute, so the imported weights would differ from PEFT's. "
           f"{_MERGE_FIX}, or use an adapter trained without {flag}.")
   for key, v in cfg.items():
     if key not in _NO_EFFECT and key not in _READ and key not in _UNSUPPORTED and v not in (
         None, False, "", [], {}):
       raise ValueError(
-          f"jlora.import_peft: {cfg_path!r} sets {key!r}={v!r}, a PEFT option jlora does not "
+          f"jlora.hf.import_peft: {cfg_path!r} sets {key!r}={v!r}, a PEFT option jlora does not "
           f"know (from a newer PEFT?); it may change the weights the adapter gives. Remove it "
           f"from the config if it does not, or: {_MERGE_FIX}.")
   init = cfg.get("init_lora_weights")
   kind = _init_kind(init)
   if kind == "residual":
     raise ValueError(
-        f"jlora.import_peft: {cfg_path!r} has init_lora_weights={init!r}: PEFT trains such an "
+        f"jlora.hf.import_peft: {cfg_path!r} has init_lora_weights={init!r}: PEFT trains such an "
         f"adapter on residual base weights (the base weights minus the adapter's initial "
         f"product) and rebuilds them when it loads the adapter; jlora does not rebuild them yet, "
         f"so the imported weights would differ from PEFT's. Convert the adapter to plain LoRA "
@@ -421,14 +365,14 @@ def _check_config(cfg: dict, cfg_path: str) -> None:
         f"init_lora_weights true and has twice the rank), then import out_dir.")
   if kind == "loftq":
     raise ValueError(
-        f"jlora.import_peft: {cfg_path!r} has init_lora_weights='loftq': PEFT then replaces "
+        f"jlora.hf.import_peft: {cfg_path!r} has init_lora_weights='loftq': PEFT then replaces "
         f"the base weights with a quantized backbone (LoftQ) as it loads the adapter, which "
         f"jlora does not do. Import onto the LoftQ backbone's weights (PEFT's LoftQ scripts save "
         f"them beside the adapter), with a config that says init_lora_weights true, as PEFT's "
         f"LoftQ example saves it.")
   if kind == "unknown":
     raise ValueError(
-        f"jlora.import_peft: {cfg_path!r} has init_lora_weights={init!r}, which is not a value "
+        f"jlora.hf.import_peft: {cfg_path!r} has init_lora_weights={init!r}, which is not a value "
         f"PEFT documents (true, false, 'gaussian', 'eva', 'orthogonal', 'mica'; 'pissa', "
         f"'pissa_niter_<n>', 'olora', 'corda', 'loftq', 'lora_ga' change the base weights); "
         f"PEFT refuses it too. Fix the config.")
@@ -477,19 +421,19 @@ def _read_config(directory: str) -> tuple[dict, str]:
   cfg_path = os.path.join(directory, CONFIG_NAME)
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(
-        f"jlora.import_peft: no {CONFIG_NAME} in {directory!r}. Point to the directory that "
-        f"PeftModel.save_pretrained (or jlora.export_peft) wrote.")
+        f"jlora.hf.import_peft: no {CONFIG_NAME} in {directory!r}. Point to the directory that "
+        f"PeftModel.save_pretrained (or jlora.hf.export_peft) wrote.")
   try:
     with open(cfg_path, encoding="utf-8") as f:
       cfg = json.load(f)
   except ValueError as e:
-    raise ValueError(f"jlora.import_peft: {cfg_path!r} is not valid JSON ({e}); the file is "
+    raise ValueError(f"jlora.hf.import_peft: {cfg_path!r} is not valid JSON ({e}); the file is "
                      f"corrupt. Save the adapter again.") from e
   if not isinstance(cfg, dict):
-    raise ValueError(f"jlora.import_peft: {cfg_path!r} holds {type(cfg).__name__}, not a PEFT "
+    raise ValueError(f"jlora.hf.import_peft: {cfg_path!r} holds {type(cfg).__name__}, not a PEFT "
                      f"config object.")
   if cfg.get("peft_type", "LORA") != "LORA":
-    raise ValueError(f"jlora.import_peft: {cfg_path!r} is a {cfg.get('peft_type')} adapter; "
+    raise ValueError(f"jlora.hf.import_peft: {cfg_path!r} is a {cfg.get('peft_type')} adapter; "
                      f"only PEFT LoRA adapters (peft_type LORA) map to jlora.LoRA leaves.")
   _check_config(cfg, cfg_path)
   return cfg, cfg_path
@@ -502,13 +446,13 @@ def _read_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
     hint = (" The directory has adapter_model.bin (a torch pickle); save it again with "
             "PeftModel.save_pretrained(..., safe_serialization=True)." if os.path.exists(legacy)
             else "")
-    raise FileNotFoundError(f"jlora.import_peft: no {WEIGHTS_NAME} in {directory!r}.{hint}")
+    raise FileNotFoundError(f"jlora.hf.import_peft: no {WEIGHTS_NAME} in {directory!r}.{hint}")
   from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   try:
     return load_file(w_path), w_path
   except (SafetensorError, OSError, ValueError, TypeError) as e:
-    raise ValueError(f"jlora.import_peft: {w_path!r} is not a readable safetensors file ({e}); "
+    raise ValueError(f"jlora.hf.import_peft: {w_path!r} is not a readable safetensors file ({e}); "
                      f"the file is corrupt or truncated. Save the adapter again.") from e
 
 
@@ -534,7 +478,7 @@ def _split_keys(raw: dict[str, np.ndarray], adapter_name: str | None, w_path: st
   `adapter_name` to pick one.
   """
   if adapter_name is not None and not isinstance(adapter_name, str):
-    raise TypeError(f"jlora.import_peft: adapter_name must be a str or None (the <name> in keys "
+    raise TypeError(f"jlora.hf.import_peft: adapter_name must be a str or None (the <name> in keys "
                     f"'<module>.lora_A.<name>.weight'); got {adapter_name!r}.")
   found: dict[str | None, dict] = collections.defaultdict(
       lambda: collections.defaultdict(dict))
@@ -542,7 +486,7 @@ def _split_keys(raw: dict[str, np.ndarray], adapter_name: str | None, w_path: st
     m = _KEY_RE.match(k)
     if m is None:
       raise ValueError(
-          f"jlora.import_peft: the adapter holds the tensor {k!r}, which is not a "
+          f"jlora.hf.import_peft: the adapter holds the tensor {k!r}, which is not a "
           f"'{_PREFIX}<module>.lora_A/lora_B.weight' factor but {_tensor_kind(k)}; a jlora.LoRA "
           f"leaf has no place for it, and leaving it out would change the weights. "
           f"{_MERGE_FIX}, or save the adapter without it.")
@@ -553,7 +497,7 @@ def _split_keys(raw: dict[str, np.ndarray], adapter_name: str | None, w_path: st
     if len(found) > 1:
       pick = next((n for n in sorted(found, key=str) if n is not None), None)
       raise ValueError(
-          f"jlora.import_peft: {w_path!r} holds the tensors of several adapters ({listing}: "
+          f"jlora.hf.import_peft: {w_path!r} holds the tensors of several adapters ({listing}: "
           f"the <name> in keys '<module>.lora_A.<name>.weight'); jlora reads one. Pick it, "
           f"e.g. import_peft(..., adapter_name={pick!r}).")
     chosen = next(iter(found), None)
@@ -563,14 +507,14 @@ def _split_keys(raw: dict[str, np.ndarray], adapter_name: str | None, w_path: st
     chosen = None  # PEFT's own format: one adapter, loaded under any name
   else:
     raise ValueError(
-        f"jlora.import_peft: {w_path!r} holds no tensor of adapter {adapter_name!r} (keys "
+        f"jlora.hf.import_peft: {w_path!r} holds no tensor of adapter {adapter_name!r} (keys "
         f"'<module>.lora_A.{adapter_name}.weight'); it holds {listing}. Pass one of those, or "
         f"adapter_name=None for a file of one adapter.")
   halves = dict(found.get(chosen, {}))
   for module, h in halves.items():
     if set(h) != {"A", "B"}:
       missing = "lora_B" if "A" in h else "lora_A"
-      raise ValueError(f"jlora.import_peft: the adapter has no {missing} for {module!r}; the "
+      raise ValueError(f"jlora.hf.import_peft: the adapter has no {missing} for {module!r}; the "
                        f"file is incomplete. Save the adapter again.")
   return halves
 
@@ -631,7 +575,7 @@ def _deselected_by(cfg: dict, module: str) -> str | None:
   return None if (idx == layers if _is_int(layers) else idx in layers) else "layers_to_transform"
 
 
-def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | KeyMap = "llama",
+def import_peft(directory: str | os.PathLike, params: Any, *, key_map: KeyMap,
                 dtype: Any = jnp.float32, adapter_name: str | None = None) -> Any:
   """Reads a PEFT LoRA adapter into a jlora tree built on `params`.
 
@@ -657,7 +601,8 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
     directory: a directory with `adapter_config.json` and
       `adapter_model.safetensors` (from `PeftModel.save_pretrained`).
     params: the base parameter tree (plain arrays, concrete or abstract).
-    key_map: `"llama"` (`llama_key_map`) or a callable, see the module doc.
+    key_map: the key map of the tree's layout (`path -> (name, transpose) |
+      None`), see the module docstring.
     dtype: the adapters' dtype (default float32, as `jlora.apply`).
     adapter_name: for a file whose keys name their adapter
       (`<module>.lora_A.<name>.weight`, as a live model's state dict does) and
@@ -677,17 +622,19 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
 
   Example:
     >>> import os, tempfile, jax, jax.numpy as jnp, jlora
-    >>> from jlora._src.peft import export_peft, import_peft
     >>> params = {"layers": {"self_attn": {"q_proj": {"kernel": jnp.ones((2, 8, 8))}}}}
-    >>> d = export_peft(os.path.join(tempfile.mkdtemp(), "a"),
-    ...                 jlora.apply(params, rank=2, stacked="^layers/"))
-    >>> import_peft(d, params)["layers"]["self_attn"]["q_proj"]["kernel"].a.shape
+    >>> q = "layers/self_attn/q_proj/kernel"
+    >>> names = {q: ("model.layers.{}.self_attn.q_proj.weight", True)}
+    >>> d = jlora.hf.export_peft(os.path.join(tempfile.mkdtemp(), "a"),
+    ...                          jlora.apply(params, rank=2, stacked="^layers/"), key_map=names.get)
+    >>> back = jlora.hf.import_peft(d, params, key_map=names.get)
+    >>> back["layers"]["self_attn"]["q_proj"]["kernel"].a.shape
     (2, 8, 2)
   """
-  key_map = _resolve(key_map)
+  key_map = _resolve(key_map, "import_peft")
   directory = os.fspath(os.path.abspath(directory))
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"jlora.import_peft: no adapter directory at {directory!r}.")
+    raise FileNotFoundError(f"jlora.hf.import_peft: no adapter directory at {directory!r}.")
   cfg, cfg_path = _read_config(directory)
   raw, w_path = _read_tensors(directory)
   halves = _split_keys(raw, adapter_name, w_path)
@@ -695,7 +642,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
     field = _deselected_by(cfg, module)
     if field is not None:
       raise ValueError(
-          f"jlora.import_peft: the adapter holds lora_A/lora_B for {module!r}, a module its "
+          f"jlora.hf.import_peft: the adapter holds lora_A/lora_B for {module!r}, a module its "
           f"config does not select ({field}={cfg.get(field)!r} in {cfg_path!r}); PEFT puts no "
           f"LoRA layer there and drops these tensors without a word, so its weights would "
           f"differ from jlora's. Fix {field} in the config, or remove the module's tensors.")
@@ -708,7 +655,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
     if named is None or not hasattr(x, "shape"):
       continue
     if is_node(x):
-      raise ValueError(f"jlora.import_peft: the leaf at {ps!r} is already a jlora "
+      raise ValueError(f"jlora.hf.import_peft: the leaf at {ps!r} is already a jlora "
                        f"{type(x).__name__}; import onto the base params (jlora.base(tree)).")
     name, _ = named
     n = name.count("{}")
@@ -719,7 +666,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
   if unknown:
     near = P.nearest(sorted(owner), unknown[0], 3)
     raise ValueError(
-        f"jlora.import_peft: the adapter adapts {unknown[0]!r}, but the key map names no leaf "
+        f"jlora.hf.import_peft: the adapter adapts {unknown[0]!r}, but the key map names no leaf "
         f"of params so (nearest names: {near}; {len(unknown)} modules unmatched). Pass the "
         f"params of the adapter's base model, or a key_map that names its leaves.")
 
@@ -728,7 +675,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
     if len(owner[module]) > 1:
       both = [P.path_str(flat[i][0]) for i, _ in owner[module][:2]]
       raise ValueError(
-          f"jlora.import_peft: key_map maps both {both[0]!r} and {both[1]!r} to {module!r}, "
+          f"jlora.hf.import_peft: key_map maps both {both[0]!r} and {both[1]!r} to {module!r}, "
           f"which the adapter adapts; one Hugging Face module needs one leaf. Fix the key_map.")
     i, idx = owner[module][0]
     by_leaf[i][idx] = module
@@ -742,7 +689,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
     kshape = tuple(w.shape[n:])
     if len(kshape) != 2 or not transpose:
       raise ValueError(
-          f"jlora.import_peft: the adapter adapts {next(iter(slices.values()))!r}, which the "
+          f"jlora.hf.import_peft: the adapter adapts {next(iter(slices.values()))!r}, which the "
           f"key map ties to {ps!r} of shape {tuple(w.shape)} with transpose={transpose}; PEFT "
           f"LoRA modules are nn.Linear, so the leaf must be a 2-D (in, out) kernel (after "
           f"{n} stack axes) mapped with transpose=True.")
@@ -752,7 +699,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
       if (A.ndim != 2 or B.ndim != 2 or A.shape[1] != kshape[0]
           or B.shape != (kshape[1], A.shape[0])):
         raise ValueError(
-            f"jlora.import_peft: {module!r} has lora_A {tuple(A.shape)} and lora_B "
+            f"jlora.hf.import_peft: {module!r} has lora_A {tuple(A.shape)} and lora_B "
             f"{tuple(B.shape)}, which do not fit the kernel {kshape} (in, out) at {ps!r}: "
             f"expected (r, {kshape[0]}) and ({kshape[1]}, r). Pass the params of the adapter's "
             f"base model.")
@@ -762,7 +709,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
         why = (f"rank_pattern[{key!r}]" if key is not None else "r" if "r" in cfg else
                "r, PEFT's default")
         raise ValueError(
-            f"jlora.import_peft: {cfg_path!r} gives rank {want} for {module!r} ({why}), but its "
+            f"jlora.hf.import_peft: {cfg_path!r} gives rank {want} for {module!r} ({why}), but its "
             f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} have rank {r}; PEFT refuses "
             f"this adapter (a size mismatch). If the tensors are right, set "
             f"{'that rank_pattern entry' if key is not None else 'r'} to {r} in the config.")
@@ -772,7 +719,7 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
       if len(set(vals.values())) > 1:
         detail = {slices[k]: v for k, v in sorted(vals.items())[:4]}
         raise ValueError(
-            f"jlora.import_peft: the modules stacked in {ps!r} have different {what}s "
+            f"jlora.hf.import_peft: the modules stacked in {ps!r} have different {what}s "
             f"({detail}); a stacked jlora.LoRA leaf has one {what}. Import onto params with "
             f"one dict per layer, or use an adapter with a uniform {what}.")
     r, alpha = next(iter(ranks.values())), next(iter(alphas.values()))
@@ -782,14 +729,15 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: str | Key
     for idx, module in slices.items():
       a[idx] = halves[module]["A"].astype(np.float32).T
       b[idx] = halves[module]["B"].astype(np.float32).T
-    out[i] = LoRA(w, jnp.asarray(a, dtype), jnp.asarray(b, dtype), alpha, (0,), n, rslora)
+    out[i] = LoRA(w=w, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), alpha=alpha,
+                  a_axes=(0,), stack=n, rslora=rslora)
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ----------------------------------------------------------------------------- merged export
 
 
-def export_merged(path: str | os.PathLike, tree: Any, *, key_map: str | KeyMap = "llama",
+def export_merged(path: str | os.PathLike, tree: Any, *, key_map: KeyMap,
                   dtype: Any = None, overwrite: bool = False) -> str:
   """Writes `jlora.merge(tree)` as one safetensors file with Hugging Face names.
 
@@ -800,7 +748,8 @@ def export_merged(path: str | os.PathLike, tree: Any, *, key_map: str | KeyMap =
   Args:
     path: the `.safetensors` file to write.
     tree: a jlora tree, or plain params.
-    key_map: `"llama"` (`llama_key_map`) or a callable, see the module doc.
+    key_map: the key map of the tree's layout (`path -> (name, transpose) |
+      None`), see the module docstring.
     dtype: cast every tensor (e.g. `jnp.bfloat16`); default: the merged dtype.
     overwrite: replace an existing file.
 
@@ -814,17 +763,19 @@ def export_merged(path: str | os.PathLike, tree: Any, *, key_map: str | KeyMap =
 
   Example:
     >>> import os, tempfile, jax.numpy as jnp, jlora
-    >>> from jlora._src.peft import export_merged
     >>> params = {"norm": {"scale": jnp.ones(8)},
     ...           "layers": {"mlp": {"up_proj": {"kernel": jnp.ones((2, 8, 16))}}}}
-    >>> f = export_merged(os.path.join(tempfile.mkdtemp(), "model.safetensors"),
-    ...                   jlora.apply(params, rank=2, targets="up_proj", stacked="^layers/"))
+    >>> names = {"norm/scale": ("model.norm.weight", False),
+    ...          "layers/mlp/up_proj/kernel": ("model.layers.{}.mlp.up_proj.weight", True)}
+    >>> t = jlora.apply(params, rank=2, targets="up_proj", stacked="^layers/")
+    >>> f = jlora.hf.export_merged(os.path.join(tempfile.mkdtemp(), "model.safetensors"), t,
+    ...                            key_map=names.get)
     >>> from safetensors.numpy import load_file
     >>> sorted((k, v.shape) for k, v in load_file(f).items())  # doctest: +NORMALIZE_WHITESPACE
     [('model.layers.0.mlp.up_proj.weight', (16, 8)),
      ('model.layers.1.mlp.up_proj.weight', (16, 8)), ('model.norm.weight', (8,))]
   """
-  key_map = _resolve(key_map)
+  key_map = _resolve(key_map, "export_merged")
   path = os.fspath(os.path.abspath(path))
   _refuse_existing([path], overwrite, "export_merged")
   flat = jax.tree_util.tree_flatten_with_path(merge(tree))[0]
@@ -838,7 +789,7 @@ def export_merged(path: str | os.PathLike, tree: Any, *, key_map: str | KeyMap =
       named.append((ps, x, *nm))
   if unmapped:
     raise ValueError(
-        f"jlora.export_merged: key_map has no Hugging Face name for {unmapped[:5]}"
+        f"jlora.hf.export_merged: key_map has no Hugging Face name for {unmapped[:5]}"
         f"{' ...' if len(unmapped) > 5 else ''}; every leaf is written. Extend the key_map, "
         f"or drop these leaves from the tree first.")
   tensors: dict[str, np.ndarray] = {}
@@ -847,13 +798,13 @@ def export_merged(path: str | os.PathLike, tree: Any, *, key_map: str | KeyMap =
     arr = _np(x, dtype)
     if arr.ndim < n or (transpose and arr.ndim - n != 2):
       raise ValueError(
-          f"jlora.export_merged: {ps!r} has shape {arr.shape}, but its name {name!r} has {n} "
+          f"jlora.hf.export_merged: {ps!r} has shape {arr.shape}, but its name {name!r} has {n} "
           f"'{{}}' stack fields{' and asks for a transpose of the 2-D rest' if transpose else ''}"
           f". Fix the key_map for this leaf.")
     for idx in np.ndindex(*arr.shape[:n]):
       hf = name.format(*idx)
       if hf in tensors:
-        raise ValueError(f"jlora.export_merged: key_map gives the name {hf!r} twice (again for "
+        raise ValueError(f"jlora.hf.export_merged: key_map gives the name {hf!r} twice (again for "
                          f"{ps!r}); each tensor needs its own name.")
       tensors[hf] = arr[idx].T if transpose else arr[idx]
   os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -69,8 +69,8 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from jlora._src import paths as P
-from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src import compat, paths as P
+from jlora._src.leaf import LoRA, Trainable, is_node, lora_delta
 
 
 class MaterializeWarning(UserWarning):
@@ -102,9 +102,19 @@ jax.tree_util.register_dataclass(_LV)
 
 
 class _Ctx:
-  def __init__(self, strict: bool):
+  def __init__(self, strict: bool, fold: str, values: list):
     self.strict = strict
+    self.fold = fold
     self.warned: set[tuple[str, str]] = set()
+    self._values = values  # the function's array arguments (each LoRA leaf's w among them)
+    self._platform = None
+
+  @property
+  def platform(self) -> str:
+    """Where the function runs (read once, when a rule first asks): see `platform_of`."""
+    if self._platform is None:
+      self._platform = platform_of(self._values)
+    return self._platform
 
   def materialize(self, lv: _LV, op: str) -> jax.Array:
     if self.strict:
@@ -123,7 +133,6 @@ class _Ctx:
 
 
 def _dense(lv: _LV) -> jax.Array:
-  from jlora._src.leaf import lora_delta
   d = lora_delta(lv.a, lv.b, lv.a_axes, lv.stack, lv.scale)
   ct = jnp.promote_types(lv.w.dtype, d.dtype)
   return (lv.w.astype(ct) + d.astype(ct)).astype(lv.w.dtype)
@@ -136,11 +145,36 @@ def _is_lv(x) -> bool:
 # The name of every adapter activation `x·a` (rank-wide), for remat policies.
 XA_NAME = "jlora_xa"
 
+# When `x·W + (s·x·A)·B` runs as one matmul `[x, s·x·A]·[W; B]`: see `lora`'s `fold`.
+FOLDS = ("auto", "never", "always", "bytes")
+
+
+def platform_of(values) -> str:
+  """The platform (`"cpu"`, `"gpu"`, `"tpu"`, ...) a computation on `values` runs on.
+
+  That of the devices holding the first concrete `jax.Array` among `values`. Under a
+  trace (`jax.jit`, `jax.grad`: the values are tracers, which carry no devices), the
+  platform of the mesh set with `jax.set_mesh`, else of JAX's default device
+  (`jax.default_device`), else of the default backend (`jax.devices()[0]`), which is
+  where `jax.jit` runs a function whose arguments are not committed elsewhere.
+  """
+  for v in values:
+    if isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer):
+      return next(iter(v.sharding.device_set)).platform
+  platform = compat.mesh_platform()
+  if platform is not None:
+    return platform
+  dev = jax.config.jax_default_device
+  if dev is not None:
+    return dev if isinstance(dev, str) else dev.platform
+  return jax.devices()[0].platform
+
 
 # --------------------------------------------------------------------------- entry point
 
 
-def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
+def lora(fn: Callable[..., Any], *, strict: bool = False, fold: str = "auto"
+         ) -> Callable[..., Any]:
   """Returns `fn` with `jlora.LoRA` leaves in its arguments run factored.
 
   Matmuls with a LoRA weight compute `x·w + s·((x·a)·b)` (or `s·((x·b)·a)` when
@@ -156,9 +190,23 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   Args:
     fn: any function of pytrees of arrays, e.g. a Flax `model.apply`.
     strict: raise instead of warning when a LoRA weight must be materialized.
+    fold: when a plain 2-D kernel's matmul `x·W + (s·x·A)·B` runs as one
+      matmul `[x, s·x·A]·[W; B]` (same values, same backward pass; it saves
+      writing and re-reading the adapter's output where XLA does not fuse the
+      add into the matmul). `"auto"` (default): on GPUs, when `N >= 2·K` (a
+      feed-forward up-projection); `"bytes"`: on GPUs, when the elements moved
+      say so (`4·M·N > 2·M·K + 2·K·N`); `"always"`: wherever the layout allows
+      (any platform); `"never"`. The platform is that of the arrays' devices
+      when `fn` is called on concrete arrays; under `jax.jit` (tracers carry no
+      devices) that of the mesh set with `jax.set_mesh`, else of
+      `jax.default_device`, else of the default backend.
 
   Returns:
     A function with `fn`'s signature.
+
+  Raises:
+    ValueError: an unknown `fold` (at once), or, with `strict=True`, a LoRA
+      weight that would be materialized (when the function runs).
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -169,9 +217,11 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     True
   """
 
+  if not isinstance(fold, str) or fold not in FOLDS:
+    raise ValueError(f"jlora.lora: fold={fold!r} is not one of {FOLDS}.")
+
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    ctx = _Ctx(strict)
     leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_node)
     dyn_pos, dyn_vals, trace_vals, statics = [], [], [], []
     for i, (path, x) in enumerate(leaves):
@@ -188,6 +238,7 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
       elif isinstance(x, (jax.Array, np.ndarray, np.generic)):
         dyn_pos.append(i), dyn_vals.append(x), trace_vals.append(x)
     statics = [x for _, x in leaves]
+    ctx = _Ctx(strict, fold, trace_vals)
     if not any(_is_lv(v) for v in dyn_vals):
       warnings.warn("jlora.lora: no jlora.LoRA leaf in the arguments; the function runs "
                     "unchanged.", UserWarning, stacklevel=2)
@@ -334,7 +385,7 @@ def _dot_general(ctx, eqn, invals):
   if lv.scale != 1.0:
     t = t * jnp.asarray(lv.scale, t.dtype)
   t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
-  if xa_first and not lv_is_lhs and _fold_pays(x, lv, t, wc, xc, wb, params):
+  if xa_first and not lv_is_lhs and _fold_pays(ctx, x, lv, t, wc, xc, wb, params):
     return _folded_matmul(x, t, lv.w, b, pet, prec)
   base = eqn.primitive.bind(*((lv.w, x) if lv_is_lhs else (x, lv.w)), **params)
   y = jnp.einsum(f"{''.join(mid_lab)},{''.join(second_lab)}->{''.join(out)}", t, second,
@@ -349,13 +400,7 @@ def _pair_labels(x_lab, first, other, out):
           + [l for l in first if l not in x_lab and l in need])
 
 
-# When `x·W + (s·x·A)·B` runs as one matmul `[x, s·x·A]·[W; B]` (see `_fold_pays`):
-# "auto" (on GPUs, where it pays), "bytes" (on GPUs, by the byte count alone), "always"
-# (wherever the layout allows), "never". Only the GPU benchmark's A/B rows change it.
-_FOLD = "auto"
-
-
-def _fold_pays(x, lv: _LV, t, wc, xc, wb, params) -> bool:
+def _fold_pays(ctx: _Ctx, x, lv: _LV, t, wc, xc, wb, params) -> bool:
   """Whether to fold the adapter's second matmul into the frozen one.
 
   `x·W + t·B` is `[x, t]·[W; B]` (t = s·x·A): one GEMM over `K + r` instead of
@@ -366,8 +411,9 @@ def _fold_pays(x, lv: _LV, t, wc, xc, wb, params) -> bool:
   moved; the rule folds when `N >= 2·K` (a feed-forward up-projection). Only for
   a plain 2-D kernel contracted on its first axis against `x`'s last, with one
   dtype, no explicit `out_sharding`, and `K + r` a multiple of 8 (aligned GEMM rows).
+  `ctx.fold` (`lora`'s `fold`) decides as its docstring says.
   """
-  if _FOLD == "never":
+  if ctx.fold == "never":
     return False
   w = lv.w
   plain = (w.ndim == 2 and lv.stack == 0 and tuple(lv.a_axes) == (0,) and not wb
@@ -375,13 +421,13 @@ def _fold_pays(x, lv: _LV, t, wc, xc, wb, params) -> bool:
            and params.get("out_sharding") is None)
   if not plain:
     return False
-  if _FOLD == "always":
+  if ctx.fold == "always":
     return True
   k, n = w.shape
   r = t.shape[-1]
-  if jax.default_backend() != "gpu" or (k + r) % 8:
+  if (k + r) % 8 or ctx.platform != "gpu":
     return False
-  if _FOLD == "bytes":  # the byte count alone (A/B of the N >= 2K rule)
+  if ctx.fold == "bytes":  # the byte count alone (A/B of the N >= 2K rule)
     m = math.prod(x.shape[:-1])
     return 4 * m * n > 2 * m * k + 2 * k * n
   return n >= 2 * k

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -39,14 +40,14 @@ def split(tree: Any) -> Split:
   """
   def train(x):
     if isinstance(x, LoRA):
-      return LoRA(None, x.a, x.b, x.alpha, x.a_axes, x.stack, x.rslora)
+      return dataclasses.replace(x, w=None)
     if isinstance(x, Trainable):
       return x
     return None
 
   def frozen(x):
     if isinstance(x, LoRA):
-      return LoRA(x.w, None, None, x.alpha, x.a_axes, x.stack, x.rslora)
+      return dataclasses.replace(x, a=None, b=None)
     if isinstance(x, Trainable):
       return Trainable(None)
     return x

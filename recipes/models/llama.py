@@ -24,7 +24,8 @@ size `hd`, MLP width `F`, vocabulary `V`); every kernel is `(in, out)`::
     norm/scale                               (D,)
     lm_head/kernel                           (D, V)   only if not tied
 
-Hugging Face key map (exact; `to_hf_state_dict` and `from_safetensors` use it).
+Hugging Face key map (exact; `to_hf_state_dict`, `from_safetensors` and
+`peft_key_map`, the map `jlora.hf` takes, use it).
 HF weights are torch `(out, in)`, so every kernel slice is the transpose::
 
     model.embed_tokens.weight                         == embed_tokens/embedding
@@ -81,6 +82,7 @@ __all__ = [
     "from_safetensors",
     "generate",
     "lm_loss",
+    "peft_key_map",
     "smollm2_path",
     "to_hf_state_dict",
     "tokenizer_from_gguf",
@@ -634,6 +636,49 @@ def to_hf_state_dict(params: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
   if not config.tie_word_embeddings:
     out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"]).T)
   return out
+
+
+# The Hugging Face name of each leaf name of the tree, and whether the tensor is transposed.
+_HF_LEAF = {"kernel": ("weight", True), "embedding": ("weight", False),
+            "scale": ("weight", False), "bias": ("bias", False)}
+
+
+def peft_key_map(path: str) -> tuple[str, bool] | None:
+  """The key map of this layout for `jlora.hf`: a '/'-joined path -> `(name, transpose)`.
+
+  Covers this module's tree (layers stacked on a leading axis: one `{}` in the
+  name per stack axis) and the same layout with one dict per layer
+  (`layers/0/...`): `kernel` becomes the transposed `weight`, `embedding` and
+  `scale` become `weight`, everything under `model.` except `lm_head`; None
+  for a path without a Hugging Face name. Pass it as
+  `jlora.hf.export_peft(dir, tree, key_map=llama.peft_key_map)` (and to
+  `import_peft`, `export_merged`).
+
+  Example:
+    >>> peft_key_map("layers/self_attn/q_proj/kernel")
+    ('model.layers.{}.self_attn.q_proj.weight', True)
+    >>> peft_key_map("layers/3/mlp/down_proj/kernel")
+    ('model.layers.3.mlp.down_proj.weight', True)
+    >>> peft_key_map("embed_tokens/embedding")
+    ('model.embed_tokens.weight', False)
+    >>> peft_key_map("lm_head/kernel")
+    ('lm_head.weight', True)
+    >>> peft_key_map("rope/cache") is None
+    True
+  """
+  parts = path.split("/")
+  if len(parts) < 2 or parts[-1] not in _HF_LEAF:
+    return None
+  suffix, transpose = _HF_LEAF[parts[-1]]
+  module = parts[:-1]
+  if module == ["lm_head"]:
+    return f"lm_head.{suffix}", transpose
+  if module[0] == "layers" and len(module) > 1:
+    rest = module[1:] if module[1].isdigit() else ["{}", *module[1:]]
+    return ".".join(["model", "layers", *rest, suffix]), transpose
+  if module[0] in ("embed_tokens", "norm") and len(module) == 1:
+    return f"model.{module[0]}.{suffix}", transpose
+  return None
 
 
 def tokenizer_from_gguf(path: str | Path | None = None):
