@@ -44,7 +44,6 @@ import dataclasses
 import functools
 import glob
 import gzip
-import inspect
 import json
 import os
 import statistics
@@ -75,15 +74,6 @@ CONFIGS = {
 def flops_per_token(cfg: G.Gemma2Config, seq: int, full: bool = False) -> float:
   attn = 4 * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers
   return (6 if full else 4) * cfg.matmul_params + 3 * attn
-
-
-def _lora(fn, fold: str):
-  """`jlora.lora(fn, fold=fold)`; a jlora without that argument has the module switch."""
-  if "fold" in inspect.signature(jlora.lora).parameters:
-    return jlora.lora(fn, fold=fold)
-  from jlora._src import transform  # noqa: PLC0415  (older jlora: an internal A/B switch)
-  transform._FOLD = fold
-  return jlora.lora(fn)
 
 
 def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4, fold: str = "auto"):
@@ -118,7 +108,7 @@ def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4, fold: 
   stacked = None if cfg.layers == "unstacked" else r"^layers/"
   tree = jlora.apply(params, rank=spec["rank"], targets=spec["targets"], stacked=stacked)
   if spec["mode"] == "fact":
-    loss_fn = _lora(model_loss, fold)
+    loss_fn = jlora.lora(model_loss, fold=fold)
   else:  # the merge path: w + s*a@b formed in the step, the model sees plain weights
     loss_fn = lambda tree, ids: model_loss(jlora.merge(tree), ids)
   train = jlora.train_step(loss_fn, tx)
