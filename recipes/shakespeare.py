@@ -38,8 +38,8 @@ import numpy as np
 import optax
 
 import jlora
-from recipes.models import llama
 from recipes import data
+from recipes.models import llama
 
 PROMPTS = (
     "Enter the King and Queene.\n\n  King. ",

@@ -28,8 +28,8 @@ import numpy as np
 import optax
 
 import jlora
-from recipes.models import bert
 from recipes import data
+from recipes.models import bert
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,11 +1,27 @@
-"""Shared session-scoped fixtures (real pretrained models, loaded once per session), and the
-background lane that runs the subprocess jobs of `helpers.Background` beside the other tests."""
+"""JAX's test-time configuration (eight CPU devices, quick compilation), the two stacks CI runs
+the tests on, and the session-scoped real pretrained models (loaded once per session)."""
 
 import os
-import threading
 import types
 
-import pytest
+# The tests compile about two thousand small programs and run each once or twice, so XLA's CPU
+# compiler takes three quarters of their time. These settings make it about three times faster:
+# the loop emitters instead of the newer MLIR fusion emitters, one code-generation thread per
+# program, and no LLVM optimization passes (jax_disable_most_optimizations below). The HLO passes
+# (fusion, buffer assignment, the memory analyses tests/test_factored_memory.py reads) are the
+# same. Set before JAX creates its backend; the tests' own subprocesses inherit them.
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+    os.environ.get("XLA_FLAGS"), "--xla_cpu_use_fusion_emitters=false",
+    "--xla_cpu_parallel_codegen_split_count=1"]))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", True)
+# Eight host CPU devices, also set before JAX creates its backend (the first device use): the
+# mesh tests run in this process (meshes over `jax.devices()[:n]`); every other test uses the
+# first device, as on a one-device machine.
+jax.config.update("jax_num_cpu_devices", 8)
 
 # JLORA_STACK=colab: the run in .venv-colab (recipes/setup_colab_stack.sh), the free Colab TPU
 # runtime's stack (Python 3.13, jax 0.7.2, flax 0.11.2) on CPU. The library's tests and both
@@ -20,40 +36,14 @@ if STACK not in ("main", "colab"):
   raise ValueError(f"JLORA_STACK={STACK!r}: use 'main' (the default) or 'colab'.")
 collect_ignore = MAIN_STACK_ONLY if STACK == "colab" else []
 
-_JOBS = []  # the Background jobs started for this session
-
 
 def pytest_configure(config):
   if STACK == "colab":  # a misconfigured environment must not pass as the Colab stack
     import sys
 
-    import jax
     import flax
     got = (sys.version_info[:2], jax.__version__, flax.__version__)
     assert got == ((3, 13), "0.7.2", "0.11.2"), f"JLORA_STACK=colab, but this is {got}"
-  config.addinivalue_line(
-      "markers", "background(job): the test needs tests.helpers.Background `job`, which is "
-                 "started right after collection and runs beside the tests before it")
-
-
-def pytest_collection_finish(session):
-  """Starts one thread that runs the selected tests' Background jobs, one after another."""
-  if session.config.option.collectonly:
-    return
-  for item in session.items:
-    for mark in item.iter_markers("background"):
-      if not any(job is mark.args[0] for job in _JOBS):
-        _JOBS.append(mark.args[0])
-  if _JOBS:
-    def lane(jobs=tuple(_JOBS)):
-      for job in jobs:
-        job.run()
-    threading.Thread(target=lane, name="background-jobs", daemon=True).start()
-
-
-def pytest_sessionfinish(session):
-  for job in _JOBS:
-    job.stop()
 
 
 @pytest.fixture(scope="session")

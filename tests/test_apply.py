@@ -196,7 +196,8 @@ def _gemma2_2b_abstract(stacked=False):
       "attention": {"query": {"kernel": f(*lead, g["heads"], g["hidden"], g["head_dim"])},
                     "key": {"kernel": f(*lead, g["kv_heads"], g["hidden"], g["head_dim"])},
                     "value": {"kernel": f(*lead, g["kv_heads"], g["hidden"], g["head_dim"])},
-                    "attention_output": {"kernel": f(*lead, g["heads"], g["head_dim"], g["hidden"])}},
+                    "attention_output": {
+                        "kernel": f(*lead, g["heads"], g["head_dim"], g["hidden"])}},
       "ffw_gating": {"kernel": f(*lead, g["hidden"], g["ffw"])},
       "ffw_gating_2": {"kernel": f(*lead, g["hidden"], g["ffw"])},
       "ffw_linear": {"kernel": f(*lead, g["ffw"], g["hidden"])},

@@ -116,6 +116,7 @@ def test_doctests():
   assert r.attempted > 0 and r.failed == 0
 
 
+@pytest.mark.slow
 def test_minilm_sentence_similarity(minilm):
   s = ["A man is eating food.", "A man is eating a piece of bread.",
        "The stock market fell sharply today.", "A man is riding a horse."]

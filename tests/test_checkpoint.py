@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import jlora
-from tests.helpers import Background
+from tests.helpers import randomize_b
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,16 +51,8 @@ def _lora(params, **kw):
   """A LoRA tree with random nonzero b (apply initialises b to zeros)."""
   kw.setdefault("rank", 2)
   kw.setdefault("alpha", 4.0)
-  t = jlora.apply(params, trainable="head/kernel", key=jax.random.key(7), **kw)
-  rng = np.random.default_rng(11)
-
-  def rand_b(x):
-    if isinstance(x, jlora.LoRA):
-      b = jnp.asarray(rng.standard_normal(x.b.shape).astype(x.b.dtype))
-      return dataclasses.replace(x, b=b)
-    return x
-
-  return jax.tree.map(rand_b, t, is_leaf=jlora.is_lora)
+  return randomize_b(jlora.apply(params, trainable="head/kernel", key=jax.random.key(7), **kw),
+                     seed=11)
 
 
 def _leaves_equal(x, y):
@@ -422,45 +414,29 @@ def test_restore_onto_named_sharding_single_device(tmp_path):
   _leaves_equal(r.tree, jlora.split(t).trainable)
 
 
-_SHARD_SCRIPT = """
-import dataclasses, sys, jax, jax.numpy as jnp, numpy as np
-import jlora
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-assert len(jax.devices()) == 4
-mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
-params = {"layers": {"q_proj": {"kernel": jax.random.normal(jax.random.key(0), (2, 8, 12))}}}
-t = jlora.apply(params, rank=4, stacked="layers", key=jax.random.key(1))
-t = jax.tree.map(lambda x: x + 0.5, t)
-rep = NamedSharding(mesh, P())
-t = jax.device_put(t, rep)
-jlora.save(sys.argv[1], t)
-abstract = jax.eval_shape(lambda: jlora.split(jlora.apply(params, rank=4, stacked="layers")).trainable)
-sh_a = NamedSharding(mesh, P(None, "model", None))
-sh_b = NamedSharding(mesh, P(None, None, "model"))
-leaf = abstract["layers"]["q_proj"]["kernel"]
-leaf = dataclasses.replace(
-    leaf, a=jax.ShapeDtypeStruct(leaf.a.shape, leaf.a.dtype, sharding=sh_a),
-    b=jax.ShapeDtypeStruct(leaf.b.shape, leaf.b.dtype, sharding=sh_b))
-r = jlora.restore(sys.argv[1], {"layers": {"q_proj": {"kernel": leaf}}})
-got = r.tree["layers"]["q_proj"]["kernel"]
-assert got.a.sharding == sh_a and got.b.sharding == sh_b, (got.a.sharding, got.b.sharding)
-assert len(got.a.addressable_shards) == 4 and got.a.addressable_shards[0].data.shape == (2, 4, 4)
-np.testing.assert_array_equal(np.asarray(got.a), np.asarray(t["layers"]["q_proj"]["kernel"].a))
-np.testing.assert_array_equal(np.asarray(got.b), np.asarray(t["layers"]["q_proj"]["kernel"].b))
-print("OK")
-"""
-
-
-# Four host devices need a process of their own: run beside the tests before this one.
-FOUR_DEVICES = Background(
-    [sys.executable, "-c", _SHARD_SCRIPT, "{out}/c"], timeout=120,
-    env=lambda env: dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                         JAX_PLATFORMS="cpu"))
-
-
-@pytest.mark.background(FOUR_DEVICES)
-def test_restore_onto_a_four_device_mesh():
-  assert FOUR_DEVICES.output().strip().endswith("OK")
+def test_restore_onto_a_four_device_mesh(tmp_path):
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+  params = {"layers": {"q_proj": {"kernel": jax.random.normal(jax.random.key(0), (2, 8, 12))}}}
+  t = jlora.apply(params, rank=4, stacked="layers", key=jax.random.key(1))
+  t = jax.tree.map(lambda x: x + 0.5, t)
+  t = jax.device_put(t, NamedSharding(mesh, P()))
+  jlora.save(tmp_path / "c", t)
+  abstract = jax.eval_shape(
+      lambda: jlora.split(jlora.apply(params, rank=4, stacked="layers")).trainable)
+  sh_a = NamedSharding(mesh, P(None, "model", None))
+  sh_b = NamedSharding(mesh, P(None, None, "model"))
+  leaf = abstract["layers"]["q_proj"]["kernel"]
+  leaf = dataclasses.replace(
+      leaf, a=jax.ShapeDtypeStruct(leaf.a.shape, leaf.a.dtype, sharding=sh_a),
+      b=jax.ShapeDtypeStruct(leaf.b.shape, leaf.b.dtype, sharding=sh_b))
+  r = jlora.restore(tmp_path / "c", {"layers": {"q_proj": {"kernel": leaf}}})
+  got = r.tree["layers"]["q_proj"]["kernel"]
+  assert got.a.sharding == sh_a and got.b.sharding == sh_b, (got.a.sharding, got.b.sharding)
+  assert len(got.a.addressable_shards) == 4 and got.a.addressable_shards[0].data.shape == (2, 4, 4)
+  assert len(got.b.addressable_shards) == 4 and got.b.addressable_shards[0].data.shape == (2, 4, 6)
+  np.testing.assert_array_equal(np.asarray(got.a), np.asarray(t["layers"]["q_proj"]["kernel"].a))
+  np.testing.assert_array_equal(np.asarray(got.b), np.asarray(t["layers"]["q_proj"]["kernel"].b))
 
 
 def test_more_bad_input(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jlora
+from tests.helpers import randomize_b
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,16 +30,11 @@ def _tree(seed=0, alpha=4.0, params=None):
   if params is None:
     params = {"q_proj": {"kernel": jnp.asarray(rng.standard_normal((6, 10), np.float32))},
               "head": {"kernel": jnp.asarray(rng.standard_normal((10, 3), np.float32))}}
-  t = jlora.apply(params, rank=2, alpha=4.0, targets="q_proj", trainable="head",
-                  key=jax.random.key(seed))
-
-  def rand(x):
-    if isinstance(x, jlora.LoRA):
-      return dataclasses.replace(
-          x, b=jnp.asarray(rng.standard_normal(x.b.shape, np.float32)), alpha=alpha)
-    return x
-
-  return jax.tree.map(rand, t, is_leaf=jlora.is_lora)
+  t = randomize_b(jlora.apply(params, rank=2, alpha=4.0, targets="q_proj", trainable="head",
+                              key=jax.random.key(seed)), seed)
+  # Set on the leaves: jlora.apply refuses the non-finite alphas some tests need.
+  return jax.tree.map(lambda x: dataclasses.replace(x, alpha=alpha) if jlora.is_lora(x) else x,
+                      t, is_leaf=jlora.is_lora)
 
 
 def _shifted(t, s):

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import jlora
@@ -47,8 +46,8 @@ def dot_sizes(jaxpr):
 
 def grad_jaxpr_and_values(fn, tree, *args):
   """The jaxpr of `value_and_grad` of `sum(fn(tree, *args) * proj)` with respect to the
-  trainable half and the (floating) arguments, with `fn` factored; and the factored and merged values
-  (outputs and those gradients), for comparison."""
+  trainable half and the (floating) arguments, with `fn` factored; and the factored and merged
+  values (outputs and those gradients), for comparison."""
   train, frozen = jlora.split(tree)
   proj = rand(jax.eval_shape(lambda: fn(jlora.merge(tree), *args)).shape, 99)
 

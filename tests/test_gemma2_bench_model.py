@@ -16,6 +16,9 @@ from tests.helpers import iter_eqns, randomize_b
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 import gemma2_model as G  # noqa: E402
 
+# The benchmark's model, not the library (whose own tests cover what it uses): the slow lane.
+pytestmark = pytest.mark.slow
+
 
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -134,13 +133,12 @@ def test_gemma_module_imports_nothing_heavy():
 
 
 def _run_measured(argv, env, timeout):
-  """Runs `argv`: `(returncode, stdout, stderr, wall seconds, peak RSS in KiB)`.
+  """Runs `argv` (killed after `timeout` seconds): `(returncode, stdout, stderr, peak RSS in KiB)`.
 
   The peak is that process's own (`os.wait4`), not the maximum over every child this process
-  has reaped (`RUSAGE_CHILDREN`), which a background job of the suite may have set.
+  has reaped (`RUSAGE_CHILDREN`), which another test's child may have set.
   """
   with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-    t = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, cwd=REPO, env=env)
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
@@ -148,23 +146,22 @@ def _run_measured(argv, env, timeout):
       _, status, usage = os.wait4(proc.pid, 0)
     finally:
       timer.cancel()
-    wall = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait again
     out.seek(0)
     err.seek(0)
-    return proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss
+    return proc.returncode, out.read(), err.read(), usage.ru_maxrss
 
 
-def test_recipe_cli_time_memory_and_output():
+@pytest.mark.slow
+def test_recipe_cli_memory_and_output():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  rc, stdout, stderr, wall, peak_kb = _run_measured(
+  rc, stdout, stderr, peak_kb = _run_measured(
       [sys.executable, "-m", "recipes.gemma_param_count", "--preset", "gemma2_2b_en", "--rank",
        "4"], env, timeout=60)
   assert rc == 0, stderr
   lines = stdout.splitlines()
   assert lines[-3:] == ["Total params: 2,617,270,528", "Trainable params: 2,928,640",
                         "Non-trainable params: 2,614,341,888"]
-  assert wall < 30
   assert peak_kb < 2 * 1024 * 1024
   bad = subprocess.run([sys.executable, "-m", "recipes.gemma_param_count", "--preset",
                         "gemma3_1b"], capture_output=True, text=True, cwd=REPO, env=env)

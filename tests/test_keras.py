@@ -4,7 +4,6 @@ write-back.
 Needs the `keras-nlp` extra (Keras 3 + keras-hub, JAX backend), which the test set-up installs.
 """
 
-import dataclasses
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -15,6 +14,8 @@ import sys  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
@@ -22,10 +23,7 @@ import pytest  # noqa: E402
 import jlora  # noqa: E402
 import jlora.keras as jk  # noqa: E402
 from recipes.models import gemma  # noqa: E402
-
-
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
+from tests.helpers import randomize_b  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RANK = 3
@@ -37,20 +35,6 @@ def _inputs(vocab, batch=2, length=8, seed=0):
   mask = np.ones((batch, length), "int32")
   mask[0, -2:] = 0  # some padding, so the mask path is exercised
   return {"token_ids": jnp.asarray(ids), "padding_mask": jnp.asarray(mask)}
-
-
-def _randomize_adapters(tree, seed):
-  """Random a and b (b nonzero, so the adapters change the outputs)."""
-  rng = np.random.default_rng(seed)
-
-  def f(x):
-    if not isinstance(x, jlora.LoRA):
-      return x
-    a = jnp.asarray(rng.normal(0, 0.3, x.a.shape), x.a.dtype)
-    b = jnp.asarray(rng.normal(0, 0.3, x.b.shape), x.b.dtype)
-    return dataclasses.replace(x, a=a, b=b)
-
-  return jax.tree.map(f, tree, is_leaf=jlora.is_lora)
 
 
 @pytest.mark.parametrize("generation,dtype", [(1, "float32"), (2, "bfloat16")])
@@ -67,7 +51,8 @@ def test_equivalent_to_keras_enable_lora(generation, dtype):
 
   params = jk.params(bb)
   assert all(isinstance(x, jax.Array) for x in params.values())
-  tree = _randomize_adapters(jlora.apply(params, rank=RANK, layout="keras"), seed=generation)
+  # Random a and b (b nonzero, so the adapters change the outputs).
+  tree = randomize_b(jlora.apply(params, rank=RANK, layout="keras"), generation, scale=0.3, a=True)
   x = _inputs(cfg.vocabulary_size, seed=generation)
   ours_merge = jax.jit(jk.apply_fn(bb, mode="merge"))(tree, x)
   ours_lora = jax.jit(jk.apply_fn(bb, mode="lora"))(tree, x)

@@ -1,4 +1,5 @@
-"""recipes.models.llama: the decoder against a NumPy reference, the loaders, and the real SmolLM2."""
+"""recipes.models.llama: the decoder against a NumPy reference, the loaders, and the real SmolLM2
+(the slow lane)."""
 
 import dataclasses
 import doctest
@@ -189,6 +190,7 @@ def test_doctests():
 # ----------------------------------------------------------------------------- real model
 
 
+@pytest.mark.slow
 def test_smollm2_config_and_tree(smollm2):
   c = smollm2.config
   shape = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim)
@@ -200,6 +202,7 @@ def test_smollm2_config_and_tree(smollm2):
   assert jlora.count(lp).trainable == 460_800
 
 
+@pytest.mark.slow
 def test_smollm2_nll_on_plain_english(smollm2):
   ids = jnp.asarray([smollm2.tokenizer.encode(PLAIN_ENGLISH).ids])
   logits = jax.jit(smollm2.model.apply)({"params": smollm2.params}, ids)
@@ -207,6 +210,7 @@ def test_smollm2_nll_on_plain_english(smollm2):
   assert nll < 2.0, nll
 
 
+@pytest.mark.slow
 def test_smollm2_says_paris(smollm2):
   tok = smollm2.tokenizer
   prompt = tok.encode(llama.chatml("What is the capital of France?")).ids
@@ -216,6 +220,7 @@ def test_smollm2_says_paris(smollm2):
   assert "Paris" in reply, reply
 
 
+@pytest.mark.slow
 def test_tokenizer_round_trips(smollm2):
   tok = smollm2.tokenizer
   text = "  Ham. To be, or not to be, that is the Question:\nWhether 'tis Nobler 1603"

@@ -7,17 +7,17 @@ find everything present, as on Colab.
 
 import pytest
 
-from tests.helpers import Background
+from tests.helpers import REPO, run_notebook
 
-# Two host devices, so the notebook's mesh really shards the batch and the weights.
-GEMMA = Background.notebook("gemma_lora.ipynb", timeout=300, KAGGLE_USERNAME=None,
-                            XLA_FLAGS="--xla_force_host_platform_device_count=2")
-SHAKESPEARE = Background.notebook("shakespeare_lora.ipynb", timeout=600, JLORA_NB_SMALL="1")
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.background(GEMMA)
-def test_gemma_notebook_small_configuration():
-  text = GEMMA.output()  # run in a fresh kernel, beside the tests before this one
+def test_gemma_notebook_small_configuration(monkeypatch):
+  monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+  monkeypatch.setenv("PYTHONPATH", str(REPO))
+  # Two host devices, so the notebook's mesh really shards the batch and the weights.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2", prepend=" ")
+  text = run_notebook("gemma_lora.ipynb", timeout=300)
   assert "on cpu:" in text  # the accelerator check ran and passed
   assert "Trainable params: 2,928,640" in text
   assert "2 device(s): NamedSharding(mesh=Mesh('data': 2" in text
@@ -25,9 +25,10 @@ def test_gemma_notebook_small_configuration():
   assert "generated: [" in text
 
 
-@pytest.mark.background(SHAKESPEARE)
-def test_shakespeare_notebook_short_configuration():
-  text = SHAKESPEARE.output()
+def test_shakespeare_notebook_short_configuration(monkeypatch):
+  monkeypatch.setenv("JLORA_NB_SMALL", "1")
+  monkeypatch.setenv("PYTHONPATH", str(REPO))
+  text = run_notebook("shakespeare_lora.ipynb", timeout=600)
   assert "on cpu:" in text
   assert "Paris" in text
   assert "Trainable params: 460,800" in text

@@ -1,6 +1,5 @@
 """PEFT interop: export/import of LoRA adapters and merged safetensors, checked against peft."""
 
-import dataclasses
 import functools
 import json
 import os
@@ -14,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import jlora
 from recipes.models import llama
+from tests.helpers import randomize_b
 
 # This file's trees are laid out as recipes.models.llama's: its key map, unless a test gives one.
 llama_hf = types.SimpleNamespace(**{
@@ -36,22 +36,10 @@ def _llama_params(seed=0):
   return {"embed_tokens": {"embedding": n(V, D)}, "layers": layers, "norm": {"scale": 1 + n(D)}}
 
 
-def _random_b(tree, seed=1):
-  rng = np.random.default_rng(seed)
-
-  def f(x):
-    if isinstance(x, jlora.LoRA):
-      b = jnp.asarray(rng.standard_normal(x.b.shape).astype(np.float32)).astype(x.b.dtype)
-      return dataclasses.replace(x, b=b)
-    return x
-
-  return jax.tree.map(f, tree, is_leaf=jlora.is_lora)
-
-
 def _lora_tree(**kw):
   kw = {"rank": {"q_proj": 4, ".*": 2}, "alpha": {"v_proj": 3.0, ".*": 8.0},
         "targets": "all-linear", "stacked": "^layers/", **kw}
-  return _random_b(jlora.apply(_llama_params(), key=jax.random.key(3), **kw))
+  return randomize_b(jlora.apply(_llama_params(), key=jax.random.key(3), **kw))
 
 
 def _json(path):
@@ -84,7 +72,7 @@ def test_llama_key_map():
   assert km("kernel") is None and km("rope/cos") is None and km("head/extra/kernel") is None
 
 
-# ----------------------------------------------------------------------------- round trip (no torch)
+# ------------------------------------------------------------------------ round trip (no torch)
 
 
 def test_export_then_import_round_trip(tmp_path):
@@ -165,7 +153,7 @@ def test_export_merged_names_and_values(tmp_path):
 def test_user_key_map_for_another_model(tmp_path):
   params = {"blocks": [{"attn": {"wq": jnp.asarray(np.random.default_rng(0).standard_normal(
       (6, 10)), jnp.float32)}} for _ in range(2)]}
-  t = _random_b(jlora.apply(params, rank=2, targets="wq"))
+  t = randomize_b(jlora.apply(params, rank=2, targets="wq"))
   km = lambda p: (f"encoder.layer.{p.split('/')[1]}.attention.query.weight", True)
   d = llama_hf.export_peft(tmp_path / "a", t, key_map=km)
   keys = sorted(load_file(os.path.join(d, "adapter_model.safetensors")))
@@ -311,10 +299,12 @@ def test_import_errors(tmp_path):
     llama_hf.import_peft(good, jlora.apply(p, rank=2, targets="q_proj", stacked="^layers/"))
   with pytest.raises(ValueError, match="2-D \\(in, out\\) kernel"):
     jlora.hf.import_peft(good, p, key_map=lambda s: (
-        ("model.layers.{}.self_attn.q_proj.weight", False) if s.endswith("q_proj/kernel") else None))
+        ("model.layers.{}.self_attn.q_proj.weight", False) if s.endswith("q_proj/kernel")
+        else None))
 
 
 # ----------------------------------------------------------------------------- against peft
+# (torch, transformers and peft: the slow lane)
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +366,7 @@ _PEFT_WARNINGS = pytest.mark.filterwarnings(
     "ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
+@pytest.mark.slow
 @_PEFT_WARNINGS
 def test_peft_adapter_imports_into_jlora(hf, tmp_path):
   import peft
@@ -417,16 +408,15 @@ def test_peft_adapter_imports_into_jlora(hf, tmp_path):
     np.testing.assert_allclose(flax_logits, want_logits, atol=1e-4)
 
 
+@pytest.mark.slow
 @_PEFT_WARNINGS
 def test_jlora_adapter_loads_in_peft(hf, tmp_path):
   import peft
   cfg, sd = hf
   params = _hf_to_params(sd)
-  tree = _random_b(jlora.apply(params, rank={"q_proj": 4, ".*": 2},
-                               alpha={"v_proj": 3.0, ".*": 8.0}, targets="all-linear",
-                               stacked="^layers/", key=jax.random.key(5)), seed=2)
-  tree = jax.tree.map(lambda x: dataclasses.replace(x, b=x.b * 0.1) if jlora.is_lora(x) else x,
-                      tree, is_leaf=jlora.is_lora)
+  tree = randomize_b(jlora.apply(params, rank={"q_proj": 4, ".*": 2},
+                                 alpha={"v_proj": 3.0, ".*": 8.0}, targets="all-linear",
+                                 stacked="^layers/", key=jax.random.key(5)), seed=2, scale=0.1)
   llama_hf.export_peft(tmp_path / "adapter", tree, task_type="CAUSAL_LM")
   pm = peft.PeftModel.from_pretrained(_fresh_model(cfg, sd), str(tmp_path / "adapter"))
   lora_layers = [n for n, _ in pm.named_modules() if n.endswith("q_proj.lora_A.default")]
@@ -451,6 +441,7 @@ def test_jlora_adapter_loads_in_peft(hf, tmp_path):
 # ----------------------------------------------------------------------------- faults, against peft
 
 
+@pytest.mark.slow
 @_PEFT_WARNINGS
 @pytest.mark.filterwarnings("ignore:.*changes the base weights of the model:UserWarning")
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -510,6 +501,7 @@ def _selects(tmp_path, cfg, module) -> bool:
   return True
 
 
+@pytest.mark.slow
 def test_module_selection_follows_peft(tmp_path):
   """jlora's reading of target_modules / exclude_modules / modules_to_save / layers_to_transform
   is PEFT's check_target_module_exists."""
@@ -538,6 +530,7 @@ def test_module_selection_follows_peft(tmp_path):
       assert _selects(tmp_path, c, m) == bool(check_target_module_exists(lc, m)), (c, m)
 
 
+@pytest.mark.slow
 def test_exported_patterns_select_one_module_in_peft(tmp_path):
   """The rank/alpha patterns export_peft writes each select their one module in PEFT."""
   from peft.utils.other import get_pattern_key

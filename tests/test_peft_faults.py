@@ -5,7 +5,6 @@ tiny random tree laid out like `recipes.models.llama`, so no torch is needed. An
 imports with the weights PEFT gives it, or is refused with a message naming the fix.
 """
 
-import dataclasses
 import functools
 import json
 import math
@@ -20,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import jlora
 from recipes.models import llama
+from tests.helpers import randomize_b
 
 # This file's trees are laid out as recipes.models.llama's: its key map, unless a test gives one.
 llama_hf = types.SimpleNamespace(**{
@@ -408,10 +408,8 @@ def test_export_patterns_select_exactly_their_module(tmp_path):
   names = {"x": "enc.q", "y": "dec.enc.q", "z": "m0", "w": "m1"}
   params = {k: rng.standard_normal((6, 6)).astype(np.float32) for k in names}
   km = lambda p: (f"{names[p]}.weight", True)
-  t = jlora.apply(params, rank={"x": 4, ".*": 2}, alpha={"x": 2.0, ".*": 8.0},
-                  targets=".*", key=jax.random.key(2))
-  t = jax.tree.map(lambda x: dataclasses.replace(x, b=jax.numpy.asarray(
-      rng.standard_normal(x.b.shape), x.b.dtype)), t, is_leaf=jlora.is_lora)
+  t = randomize_b(jlora.apply(params, rank={"x": 4, ".*": 2}, alpha={"x": 2.0, ".*": 8.0},
+                              targets=".*", key=jax.random.key(2)))
   d = llama_hf.export_peft(tmp_path / "a", t, key_map=km)
   back = llama_hf.import_peft(d, params, key_map=km)
   for k in names:

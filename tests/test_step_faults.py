@@ -2,15 +2,11 @@
 that do not fit the step, untrainable leaves, and the sharded step's batch and layout errors.
 
 The cases that need several devices (an axis that does not divide a size, donation on a
-sharded mesh) run in one subprocess of this file with 8 host CPU devices
-(`python tests/test_step_faults.py` prints a JSON report), as in tests/test_sharding.py.
+sharded mesh) use the 8 host CPU devices tests/conftest.py sets up.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from typing import NamedTuple
 
 import jax
@@ -18,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
-from tests.helpers import Background, rand
+from tests.helpers import rand
 
 
 def _tied_trees(seed):
@@ -288,7 +283,6 @@ def test_state_shardings_lay_each_moment_out_as_its_parameter():
 
 
 def test_sharded_batch_leaves_keyed_by_rank():
-
   """A scalar batch argument first, then an array in its place: the array is still split."""
   mesh = _mesh("data", "fsdp")
   tree = _sharded_tree(mesh, 20, P("fsdp"))
@@ -304,106 +298,67 @@ def test_sharded_batch_leaves_keyed_by_rank():
 # ----------------------------------------------------------------------------- 8 host devices
 
 
-def _worker_env(env):
-  env = dict(env)
-  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+def _mesh8():
+  return jax.make_mesh((2, 4), ("data", "fsdp"), devices=jax.devices()[:8])
 
 
-WORKER = Background([sys.executable, os.path.abspath(__file__)], env=_worker_env, timeout=300)
-
-
-def _report() -> dict:
-  return json.loads(WORKER.output().strip().splitlines()[-1])
-
-
-@pytest.mark.background(WORKER)
 def test_indivisible_layouts_name_the_path_and_the_fix():
-  r = _report()
-  assert r["devices"] == 8
-  assert "jlora.train_step: the array at 'q_proj/w' (shape (8, 16)) cannot take " \
-         "P('fsdp')" in r["indivisible_w"], r["indivisible_w"]
-  assert "axis 0 (size 8) over 'fsdp' (3 devices)" in r["indivisible_w"]
-  assert "adapters='replicated'" not in r["indivisible_w"]
-  assert "jlora.sharding.shardings: the adapter at 'q_proj/a' (shape (8, 2))" in r["indivisible_a"]
-  assert "follow their weight" in r["indivisible_a"]
-  assert "jlora.sharding.shardings: the spec P('fsdpp') at 'q_proj/w' names 'fsdpp', which is " \
-         "not an axis of the mesh ('fsdp',)" in r["unknown_axis"], r["unknown_axis"]
-  assert "'fsdp'" in r["unknown_axis"]
-
-
-@pytest.mark.background(WORKER)
-def test_sharded_batch_that_does_not_divide():
-  r = _report()
-  assert ("jlora.train_step: the batch array args[0] (shape (6, 4)) is split on its "
-          "leading axis over ('data', 'fsdp') (8 devices)") in r["batch"], r["batch"]
-  assert "multiple of 8" in r["batch"]
-
-
-@pytest.mark.background(WORKER)
-def test_sharded_step_moves_batch_and_state_to_its_layouts():
-  r = _report()
-  for got in r["moved"]:
-    assert isinstance(got, float) and abs(got) < 1e-6, got
-
-
-@pytest.mark.background(WORKER)
-def test_sharded_tied_weights_on_eight_devices():
-  r = _report()
-  assert r["tied_loss_finite"]
-  assert r["tied_warned"]
-  assert r["tied_matches_undonated"] < 1e-5
-
-
-def _worker() -> dict:
-  import warnings
-  warnings.simplefilter("error")
-  warnings.filterwarnings("ignore", category=DeprecationWarning)
-  from jax.sharding import Mesh
-
-  out: dict = {"devices": jax.device_count()}
-  m3 = Mesh(np.array(jax.devices()[:3]), ("fsdp",))
+  assert jax.device_count() == 8  # tests/conftest.py
+  m3 = jax.sharding.Mesh(np.array(jax.devices()[:3]), ("fsdp",))
   tree = jlora.apply({"q_proj": rand((8, 16), 30)}, rank=2)
+  with pytest.raises(ValueError) as e:
+    jlora.train_step(_q_loss, optax.adam(1e-2), mesh=m3, base={"q_proj": P("fsdp")}).init(tree)
+  msg = str(e.value)
+  assert "jlora.train_step: the array at 'q_proj/w' (shape (8, 16)) cannot take " \
+         "P('fsdp')" in msg, msg
+  assert "axis 0 (size 8) over 'fsdp' (3 devices)" in msg
+  assert "adapters='replicated'" not in msg
+  with pytest.raises(ValueError) as e:
+    jlora.sharding.shardings(jlora.split(tree).trainable, m3, base={"q_proj": P("fsdp")})
+  msg = str(e.value)
+  assert "jlora.sharding.shardings: the adapter at 'q_proj/a' (shape (8, 2))" in msg, msg
+  assert "follow their weight" in msg
+  with pytest.raises(ValueError) as e:
+    jlora.sharding.shardings(tree, m3, base={"q_proj": P("fsdpp")})
+  msg = str(e.value)
+  assert "jlora.sharding.shardings: the spec P('fsdpp') at 'q_proj/w' names 'fsdpp', which is " \
+         "not an axis of the mesh ('fsdp',)" in msg, msg
+  assert "'fsdp'" in msg
 
-  def err(fn):
-    try:
-      fn()
-    except ValueError as e:
-      return str(e)
-    return "no error"
 
-  out["indivisible_w"] = err(lambda: jlora.train_step(
-      _q_loss, optax.adam(1e-2), mesh=m3, base={"q_proj": P("fsdp")}).init(tree))
-  out["indivisible_a"] = err(lambda: jlora.sharding.shardings(jlora.split(tree).trainable, m3,
-                                                              base={"q_proj": P("fsdp")}))
-  out["unknown_axis"] = err(lambda: jlora.sharding.shardings(tree, m3,
-                                                             base={"q_proj": P("fsdpp")}))
-
-  mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+def _step_on_eight_devices():
+  mesh = _mesh8()
   w = jax.device_put(rand((4, 6), 31), NamedSharding(mesh, P("fsdp")))
   t = jlora.apply({"q_proj": w}, rank=2)
-  step = jlora.train_step(_q_loss, optax.adam(1e-2), mesh=mesh, donate=False)
-  out["batch"] = err(lambda: step(t, step.init(t), rand((6, 4), 32)))
+  return mesh, t, jlora.train_step(_q_loss, optax.adam(1e-2), mesh=mesh, donate=False)
 
-  # A batch and a state committed elsewhere (one device, e.g. restored there; another
-  # layout) are moved, as the tree is, to the step's layouts.
+
+def test_sharded_batch_that_does_not_divide():
+  _, t, step = _step_on_eight_devices()
+  with pytest.raises(ValueError) as e:
+    step(t, step.init(t), rand((6, 4), 32))
+  msg = str(e.value)
+  assert ("jlora.train_step: the batch array args[0] (shape (6, 4)) is split on its "
+          "leading axis over ('data', 'fsdp') (8 devices)") in msg, msg
+  assert "multiple of 8" in msg
+
+
+def test_sharded_step_moves_batch_and_state_to_its_layouts():
+  """A batch and a state committed elsewhere (one device, e.g. restored there; another
+  layout) are moved, as the tree is, to the step's layouts."""
+  mesh, t, step = _step_on_eight_devices()
   x = rand((8, 4), 36)
   state = step.init(t)
   _, _, loss_ref = step(t, state, x)
   on_one = lambda tree: jax.device_put(jax.tree.map(np.asarray, tree), jax.devices()[0])
-  moved = []
   for bx, st in ((on_one(x), state),
                  (jax.device_put(x, NamedSharding(mesh, P(None, "fsdp"))), state),
                  (x, on_one(state))):
-    try:
-      moved.append(float(step(t, st, bx)[2]) - float(loss_ref))
-    except Exception as ex:  # noqa: BLE001 - reported, not raised
-      moved.append(f"{type(ex).__name__}: {str(ex)[:300]}")
-  out["moved"] = moved
+    np.testing.assert_allclose(float(step(t, st, bx)[2]), float(loss_ref), rtol=0, atol=1e-6)
 
+
+def test_sharded_tied_weights_on_eight_devices():
+  mesh = _mesh8()
   e = jax.device_put(rand((8, 4), 33), NamedSharding(mesh, P("fsdp")))
   tied = {"embed": jlora.Trainable(e), "head": jlora.Trainable(e),
           "q": jax.device_put(rand((4, 4), 34), NamedSharding(mesh, P()))}
@@ -412,16 +367,9 @@ def _worker() -> dict:
   ref_tree, _, ref_loss = ref(tied, ref.init(tied), x)
   step = jlora.train_step(_tied_loss, optax.adam(1e-2), mesh=mesh)
   state = step.init(tied)
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
+  with pytest.warns(UserWarning, match=r"one array is at 'embed' and 'head'"):
     new, state, loss = step(tied, state, x)
-  out["tied_warned"] = any("one array is at 'embed' and 'head'" in str(c.message) for c in caught)
-  out["tied_loss_finite"] = bool(np.isfinite(float(loss)))
-  out["tied_matches_undonated"] = max(
-      float(np.abs(np.asarray(a) - np.asarray(b)).max())
-      for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref_tree)))
-  return out
-
-
-if __name__ == "__main__":
-  print(json.dumps(_worker()))
+  assert np.isfinite(float(loss))
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref_tree)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)

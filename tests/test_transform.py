@@ -10,26 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import jlora
+from tests import helpers
 from tests.helpers import iter_eqns
 
 KEY = jax.random.key(0)
 
 
-def randomize_b(tree, seed=1, alpha_mult=1.5):
+def randomize_b(tree, seed=1):
   """Nonzero `b` (and a non-unit scale) so the adapters actually contribute."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=jlora.is_lora)
-  out = []
-  for i, x in enumerate(leaves):
-    if isinstance(x, jlora.LoRA):
-      b = jax.random.normal(jax.random.key(seed + i), x.b.shape, x.b.dtype) * 0.5
-      x = dataclasses.replace(x, b=b, alpha=x.alpha * alpha_mult)
-    out.append(x)
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return helpers.randomize_b(tree, seed, scale=0.5, alpha_mult=1.5)
 
 
 def trainable_grads(loss, tree):

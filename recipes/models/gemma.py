@@ -275,8 +275,8 @@ def abstract_params(preset: str | GemmaConfig, *, dtype: Any = None) -> dict[str
 #
 # What the Gemma notebook trains with, so that its 16 GB fit is measured on the same code
 # (benchmarks/gemma2_16gb.py): per-block remat, a loss that never holds float32 logits over the
-# whole 256k vocabulary, and Gemma's SentencePiece tokenizer through `sentencepiece` alone (keras-hub's
-# own GemmaTokenizer needs tensorflow-text, which the Colab TPU runtime does not have).
+# whole 256k vocabulary, and Gemma's SentencePiece tokenizer through `sentencepiece` alone
+# (keras-hub's own GemmaTokenizer needs tensorflow-text, which the Colab TPU runtime does not have).
 
 
 def remat_scope(cfg: GemmaConfig):
@@ -313,7 +313,8 @@ def lm_loss(hidden, embeddings, labels, weights, *, soft_cap: float | None, chun
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> rng = np.random.default_rng(0)
-    >>> h, e = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32), jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
+    >>> h = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    >>> e = jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
     >>> y, w = jnp.asarray(rng.integers(0, 11, (2, 5))), jnp.ones((2, 5))
     >>> full = jax.nn.log_softmax(30 * jnp.tanh(h @ e.T / 30))
     >>> ref = -jnp.take_along_axis(full, y[..., None], -1).mean()
