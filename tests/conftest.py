@@ -1,6 +1,7 @@
 """JAX's test-time configuration (eight CPU devices, quick compilation), the two stacks CI runs
 the tests on, and the session-scoped real pretrained models (loaded once per session)."""
 
+import importlib.metadata
 import os
 import types
 
@@ -10,8 +11,11 @@ import types
 # program, and no LLVM optimization passes (jax_disable_most_optimizations below). The HLO passes
 # (fusion, buffer assignment, the memory analyses tests/test_factored_memory.py reads) are the
 # same. Set before JAX creates its backend; the tests' own subprocesses inherit them.
+# jaxlib 0.11 removed the fusion-emitter switch (an unknown XLA flag aborts the process).
+_JAXLIB = tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS"), "--xla_cpu_use_fusion_emitters=false",
+    os.environ.get("XLA_FLAGS"),
+    "--xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11) else None,
     "--xla_cpu_parallel_codegen_split_count=1"]))
 
 import jax  # noqa: E402
