@@ -115,8 +115,8 @@ def time_steps(step: Callable[[], Any], sync: Callable[[Any], Any], *, warmup: i
               step_s_rounds=[round(t, 4) for t in per_round], first=first, last=out)
 
 
-def row(suite: str, name: str, timing: dict, *, batch: int, seq: int, shape: dict, full: bool = False,
-        **fields) -> dict:
+def row(suite: str, name: str, timing: dict, *, batch: int, seq: int, shape: dict,
+        full: bool = False, **fields) -> dict:
   """One result row: tokens/s and MFU from the median step time, the first and last
   step's loss, plus `fields` (peak memory, versions, ...)."""
   tok_s = batch * seq / timing["step_s"]

@@ -52,7 +52,8 @@ def one(batch: int, seq: int, rank: int, steps: int, rounds: int) -> dict:
 
   row = dict(batch=batch, seq=seq, rank=rank, jax=jax.__version__, keras=keras.__version__,
              keras_hub=keras_hub.__version__, device=str(jax.devices()[0].device_kind),
-             cap_bytes=CAP_BYTES, limit_bytes=(jax.devices()[0].memory_stats() or {}).get("bytes_limit"))
+             cap_bytes=CAP_BYTES,
+             limit_bytes=(jax.devices()[0].memory_stats() or {}).get("bytes_limit"))
   cfg = gemma.config("gemma2_2b_en")
   t0 = time.perf_counter()
   keras.utils.set_random_seed(0)

@@ -2,8 +2,9 @@
 
 Usage (from the repository root):
 
-  python benchmarks/gemma2_lora_gpu.py CONFIG [--remat wide_mid_xa] [--loss-math pallas] [--chunk 4096]
-      [--layers unstacked] [--fold auto|bytes|never|always] [--rope-autodiff] [--tag TAG]
+  python benchmarks/gemma2_lora_gpu.py CONFIG [--remat wide_mid_xa] [--loss-math pallas]
+      [--chunk 4096] [--layers unstacked] [--fold auto|bytes|never|always] [--rope-autodiff]
+      [--tag TAG]
       [--long-round 20] [--xla-analysis] [--profile --profile-out prof.jsonl --hlo-out hlo.txt.gz]
       [--warmup 3 --steps 8 --rounds 3] [--out results.jsonl] [--tiny]
   python benchmarks/gemma2_lora_gpu.py peak      # the bf16 matmul rate, for MFU
@@ -57,9 +58,10 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jlora  # noqa: E402
 import bench_common as C  # noqa: E402
 import gemma2_model as G  # noqa: E402
+
+import jlora  # noqa: E402
 
 PEAK_FLOPS = C.PEAK_TFLOPS * 1e12
 CONFIGS = {

@@ -3,8 +3,8 @@
 Usage:
   python benchmarks/make_table.py runs/gpu/results.jsonl [more.jsonl] [--phase table|attribution]
       [--versions runs/gpu/versions.json]
-  python benchmarks/make_table.py runs/gpu/results.jsonl --record benchmarks/results/gemma2_h200.json \\
-      --run 17 --machine N --note "what ran, where"
+  python benchmarks/make_table.py runs/gpu/results.jsonl \\
+      --record benchmarks/results/gemma2_h200.json --run 17 --machine N --note "what ran, where"
 
 Two tables, each from the rows of one run_gpu.sh phase (one device call, so its
 ratios compare rows of one machine): the comparison (`table`: jlora against PEFT,
@@ -36,7 +36,8 @@ COMPARISON = [
 # (label, jlora row name, the row it is compared with, whose share the difference is).
 ATTRIBUTION = [
     ("r=4 q,v as in the table", "qv4", None, None),
-    ("r=4 q,v, merge path (`jlora.merge` in the step)", "qv4_merge", "qv4", "jlora: the factored step"),
+    ("r=4 q,v, merge path (`jlora.merge` in the step)", "qv4_merge", "qv4",
+     "jlora: the factored step"),
     ("r=4 q,v, plain loss (full float32 logits)", "qv4_plainloss", "qv4", "model: the fused loss"),
     ("r=4 q,v, autodiff's RoPE gradient", "qv4_ropeautodiff", "qv4", "model: RoPE's custom VJP"),
     ("r=4 q,v, remat `dots` (XLA's policy)", "qv4_dots", "qv4", "model: its remat policy"),
@@ -111,7 +112,8 @@ def tables(rows: list[dict], phases, versions: dict | None = None) -> tuple[str,
   measured = [r for r in rows if "tokens_s" in r]
   any_row = measured[0] if measured else {}
   setup = (f"\nBatch {any_row.get('batch')} × {any_row.get('seq')} tokens"
-           f"{' (--tiny: a CPU dry run, the numbers mean nothing)' if any_row.get('tiny') else ''}; "
+           f"{' (--tiny: a CPU dry run, the numbers mean nothing)' if any_row.get('tiny') else ''}"
+           f"; "
            f"median of 3 rounds of 8 steps after 3 warm-up steps; each row its own process.")
   lines.append(setup)
   if versions:

@@ -77,8 +77,8 @@ def _nll(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def transformers_loss(s: dict, params, ids) -> float:
-  import torch
   import peft_torch
+  import torch
   model, _ = peft_torch.build_model(s, "eager", torch.device("cpu"), tiny=True)
   model = model.float()
   t = lambda x: torch.from_numpy(np.asarray(x, np.float32).copy())
@@ -119,7 +119,8 @@ def keras_loss(s: dict, params, ids) -> float:
     values[pre + "attention/value/kernel"] = heads(l["v_proj"]["kernel"], kv)
     values[pre + "attention/attention_output/kernel"] = np.asarray(l["o_proj"]["kernel"]).reshape(
         h, hd, d)
-    for n, k in (("gate_proj", "ffw_gating"), ("up_proj", "ffw_gating_2"), ("down_proj", "ffw_linear")):
+    for n, k in (("gate_proj", "ffw_gating"), ("up_proj", "ffw_gating_2"),
+                 ("down_proj", "ffw_linear")):
       values[pre + k + "/kernel"] = l[n]["kernel"]
     for n, k in keras_norms.items():
       values[pre + k + "/scale"] = l[f"{n}_norm"]["scale"]
@@ -134,10 +135,11 @@ def keras_loss(s: dict, params, ids) -> float:
 
 def adapted_counts() -> dict:
   """Trainable adapter parameters at the full size, from shapes only."""
-  import jlora
-  import torch
   import peft
   import peft_torch
+  import torch
+
+  import jlora
   s = C.shape_of(False)
   cfg = G.Gemma2Config(layers="unstacked")
   shapes = jax.eval_shape(lambda k: G.init_params(cfg, k), jax.random.key(0))
@@ -164,12 +166,14 @@ def main() -> int:
   ref = jlora_model_loss(params, ids, chunk=0)
   losses = dict(jlora_model_plain=ref, jlora_model_fused=jlora_model_loss(params, ids, chunk=8),
                 handwritten=handwritten_loss(s, params, ids),
-                transformers=transformers_loss(s, params, ids), keras_hub=keras_loss(s, params, ids))
+                transformers=transformers_loss(s, params, ids),
+                keras_hub=keras_loss(s, params, ids))
   rel = {k: abs(v - ref) / abs(ref) for k, v in losses.items()}
   counts = adapted_counts()
   ok = all(r < TOL for r in rel.values()) and all(
       len(set(c.values())) == 1 for c in counts.values())
-  C.emit(dict(suite="check", name="same_model", ok=ok, losses={k: round(v, 6) for k, v in losses.items()},
+  C.emit(dict(suite="check", name="same_model", ok=ok,
+              losses={k: round(v, 6) for k, v in losses.items()},
               relative_difference={k: float(f"{v:.2e}") for k, v in rel.items()}, tolerance=TOL,
               adapted_parameters_full_size=counts))
   return 0 if ok else 1

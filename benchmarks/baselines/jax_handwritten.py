@@ -76,7 +76,8 @@ def init_adapters(s: dict, rank: int, targets, key) -> dict:
   for i, name in enumerate(targets):
     fan_in, fan_out = shapes[name]
     bound = math.sqrt(6.0 / fan_in)
-    a = jax.random.uniform(jax.random.fold_in(key, i), (n, fan_in, rank), jnp.float32, -bound, bound)
+    a = jax.random.uniform(jax.random.fold_in(key, i), (n, fan_in, rank), jnp.float32, -bound,
+                           bound)
     out[name] = dict(a=a, b=jnp.zeros((n, rank, fan_out), jnp.float32))
   return out
 
@@ -182,7 +183,8 @@ def main(argv=None):
   trainable = sum(x.size for x in jax.tree.leaves(state[0]))
   r = C.row("handwritten", args.config, timing, batch=batch, seq=seq, shape=s, config=args.config,
             rank=rank, targets=list(targets), remat=args.remat, attention=attention,
-            trainable=int(trainable), peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
+            trainable=int(trainable),
+            peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
             jax=jax.__version__,
             device=jax.devices()[0].device_kind)
   return C.emit(r, args.out)
