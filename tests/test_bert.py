@@ -1,4 +1,5 @@
-"""recipes.models.bert: the encoder against a NumPy reference, the loader, the real MiniLM."""
+"""recipes.models.bert: jlora's factored path on the encoder; in the slow lane, the demo model
+itself (against a NumPy reference, the loader) and the real MiniLM."""
 
 import doctest
 import json
@@ -63,6 +64,7 @@ def _reference(sd, cfg, ids, mask):
   return x
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 def test_forward_and_loader_match_numpy_reference(tmp_path):
   cfg = bert.BertConfig.tiny()
   params = _random_params(cfg, seed=2)
@@ -84,6 +86,7 @@ def test_forward_and_loader_match_numpy_reference(tmp_path):
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 def test_loader_errors_name_the_tensor(tmp_path):
   cfg = bert.BertConfig.tiny()
   sd = _to_hf(_random_params(cfg))
@@ -111,6 +114,7 @@ def test_lora_factored_equals_merged():
   assert jlora.count(tree).trainable == 2 * 2 * (32 * 2 + 2 * 32)  # query, value x 2 layers
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 def test_doctests():
   r = doctest.testmod(bert, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert r.attempted > 0 and r.failed == 0

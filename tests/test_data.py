@@ -8,6 +8,8 @@ import pytest
 
 from recipes import data
 
+pytestmark = pytest.mark.slow  # the recipes' data, from the real text packages
+
 
 @pytest.fixture(scope="module")
 def folio():

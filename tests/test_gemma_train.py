@@ -10,6 +10,8 @@ import pytest
 from recipes.models import gemma
 from tests.helpers import iter_eqns
 
+pytestmark = pytest.mark.slow  # the demo model's own training pieces
+
 
 def _inputs(seed, b=3, t=7, d=16, v=50):
   rng = np.random.default_rng(seed)

@@ -1,5 +1,5 @@
-"""recipes.models.llama: the decoder against a NumPy reference, the loaders, and the real SmolLM2
-(the slow lane)."""
+"""recipes.models.llama: jlora's factored path on the decoder; in the slow lane, the demo model
+itself (against a NumPy reference, the loaders, generation) and the real SmolLM2."""
 
 import dataclasses
 import doctest
@@ -75,6 +75,7 @@ def _reference_logits(sd, cfg, tokens):
   return x @ head.T
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 @pytest.mark.parametrize("tied", [True, False])
 def test_forward_matches_numpy_reference(tied):
   cfg = llama.LlamaConfig.tiny(tie_word_embeddings=tied)
@@ -85,6 +86,7 @@ def test_forward_matches_numpy_reference(tied):
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 def test_remat_and_left_padding_give_the_same_logits():
   cfg = llama.LlamaConfig.tiny()
   params = _random_params(cfg, seed=3)
@@ -99,6 +101,7 @@ def test_remat_and_left_padding_give_the_same_logits():
   np.testing.assert_allclose(np.asarray(out[:, 3:]), np.asarray(base), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 def test_generate_is_the_argmax_continuation():
   cfg = llama.LlamaConfig.tiny()
   params = _random_params(cfg, seed=4)
@@ -132,6 +135,7 @@ def test_lora_factored_equals_merged_without_materializing():
   np.testing.assert_allclose(np.asarray(factored), np.asarray(merged), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 def test_unpermute_inverts_llama_cpp_permutation():
   rng = np.random.default_rng(0)
   n_heads, hd, d_in = 3, 8, 5
@@ -150,6 +154,7 @@ def _hf_config(cfg):
               tie_word_embeddings=cfg.tie_word_embeddings)
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 @pytest.mark.parametrize("tied", [True, False])
 def test_safetensors_round_trip_and_key_map(tmp_path, tied):
   cfg = llama.LlamaConfig.tiny(tie_word_embeddings=tied)
@@ -168,6 +173,7 @@ def test_safetensors_round_trip_and_key_map(tmp_path, tied):
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 def test_safetensors_errors_name_the_problem(tmp_path):
   cfg = llama.LlamaConfig.tiny()
   sd = llama.to_hf_state_dict(_random_params(cfg), cfg)
@@ -182,6 +188,7 @@ def test_safetensors_errors_name_the_problem(tmp_path):
     llama.LlamaConfig.from_hf({**_hf_config(cfg), "rope_scaling": {"rope_type": "llama3"}})
 
 
+@pytest.mark.slow  # the demo model's own behaviour
 def test_doctests():
   r = doctest.testmod(llama, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert r.attempted > 0 and r.failed == 0
