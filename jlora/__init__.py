@@ -15,10 +15,11 @@ explicitly).
 """
 
 from jlora import hf, sharding
-from jlora._src.apply import apply
+from jlora._src.apply import apply, quantize
 from jlora._src.checkpoint import CheckpointManager, Restored, read_metadata, restore, save
 from jlora._src.leaf import LoRA, Trainable, is_lora
 from jlora._src.optim import TrainStep, optimizer, train_step
+from jlora._src.qarray import Quantized
 from jlora._src.transform import MaterializeWarning, lora
 from jlora._src.tree import Count, Split, base, combine, count, merge, split, summary
 from jlora._src.version import VERSION as __version__  # noqa: F401
@@ -28,6 +29,7 @@ __all__ = [
     "Count",
     "LoRA",
     "MaterializeWarning",
+    "Quantized",
     "Restored",
     "Split",
     "TrainStep",
@@ -41,6 +43,7 @@ __all__ = [
     "lora",
     "merge",
     "optimizer",
+    "quantize",
     "read_metadata",
     "restore",
     "save",

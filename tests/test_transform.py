@@ -375,7 +375,7 @@ def test_split_half_and_no_lora_are_reported():
   t = jlora.apply({"q_proj": jnp.ones((4, 6))}, rank=2)
   with pytest.raises(ValueError, match=r"'q_proj'.*missing field.*jlora.combine"):
     jlora.lora(lambda p: p["q_proj"].sum())(jlora.split(t).trainable)
-  with pytest.warns(UserWarning, match="no jlora.LoRA leaf"):
+  with pytest.warns(UserWarning, match="no jlora.LoRA or jlora.Quantized leaf"):
     jlora.lora(lambda x: x * 2)(jnp.ones(3))
 
 

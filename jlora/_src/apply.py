@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -18,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.qarray import KINDS as QKINDS, Quantized, quantize_array
 from jlora._src.specs import adapter_specs
 
 LAYOUTS = ("keras", "fan")
@@ -260,10 +262,10 @@ def _kind(dt) -> str:
   return f"a {dt}"
 
 
-def _raise_no_match(what, pattern, hint, paths, example):
+def _raise_no_match(what, pattern, hint, paths, example, who="jlora.apply"):
   near = P.nearest(P.prefixes(paths), hint)
   raise ValueError(
-      f"jlora.apply: {what}={pattern!r} matched no leaf. Nearest paths: {near}. Pass a "
+      f"{who}: {what}={pattern!r} matched no leaf. Nearest paths: {near}. Pass a "
       f"regular expression searched in {example}.")
 
 
@@ -316,14 +318,16 @@ _ADAPT, _SKIP = "adapt", "skip"
 class _Targets:
   """Decides, leaf by leaf, whether `targets` adapts it (`decide`), and raises for misses."""
 
-  def __init__(self, targets, stacked):
+  def __init__(self, targets, stacked, who="jlora.apply"):
     self.targets = targets
     self.stacked = stacked
+    self.who = who
+    self.needs = "LoRA needs" if who == "jlora.apply" else "quantization needs"
     self.is_preset = targets is None or (isinstance(targets, str) and targets == "all-linear")
     self.sel = None
     if not self.is_preset:
       if isinstance(targets, str) and targets in ("all_linear", "all"):
-        raise ValueError(f"jlora.apply: unknown preset targets={targets!r}; did you mean "
+        raise ValueError(f"{self.who}: unknown preset targets={targets!r}; did you mean "
                          f"'all-linear'?")
       self.sel = P.compile_pattern(targets, "targets")
 
@@ -371,10 +375,11 @@ class _Targets:
     kshape = _KernelView(leaf, n_stack).shape
     if not P.is_floating(leaf):
       if named or len(kshape) >= 2:
+        can = "carry LoRA" if self.who == "jlora.apply" else "be quantized"
         raise TypeError(
-            f"jlora.apply: {self._what()} matched {ps!r} of dtype {dt}; only floating kernels "
-            f"can carry LoRA (this is {_kind(dt)} array). Narrow the pattern so it excludes "
-            f"this leaf.")
+            f"{self.who}: {self._what()} matched {ps!r} of dtype {dt}; only floating kernels "
+            f"can {can} (this is {_kind(dt)} array). Narrow the pattern so it excludes this "
+            f"leaf.")
       return _SKIP
     bias, norm = P.is_bias_like(ps), P.is_norm(ps)
     if len(kshape) < 2:
@@ -398,7 +403,7 @@ class _Targets:
     for r in rejects:
       if r[0] == "stack":
         raise ValueError(
-            f"jlora.apply: stacked={self.stacked!r} leaves {r[2]}; LoRA needs a kernel with "
+            f"{self.who}: stacked={self.stacked!r} leaves {r[2]}; {self.needs} a kernel with "
             f"ndim >= 2 after the stack axes. Match only leaves with leading stack axes (layers "
             f"stacked for lax.scan) in `stacked`, or leave {r[1]!r} out of `targets`.")
     selected = [r for r in rejects if r[0] == "select"]
@@ -409,9 +414,9 @@ class _Targets:
       why = ""
       if selected:
         why = (f": it selected {', '.join(r[2] for r in selected[:3])}"
-               f"{' and more' if len(selected) > 3 else ''}, and LoRA needs ndim >= 2")
+               f"{' and more' if len(selected) > 3 else ''}, and {self.needs} ndim >= 2")
       raise ValueError(
-          f"jlora.apply: targets={self.targets!r} matched no kernel (a floating leaf with ndim "
+          f"{self.who}: targets={self.targets!r} matched no kernel (a floating leaf with ndim "
           f">= 2 that is not a bias or norm){why}. Nearest candidate paths: {near}. Pass a "
           f"regular expression searched in these '/'-joined paths, e.g. "
           f"targets={near[0] if near else '...'!r}, or targets='all-linear'.")
@@ -420,10 +425,10 @@ class _Targets:
       if self.sel.is_callable:
         what = r[2] if r[3] is None else f"{r[1]!r} with kernel shape {r[3]}"
         raise ValueError(
-            f"jlora.apply: the targets callable selected {what}; LoRA needs ndim >= 2 (after "
+            f"{self.who}: the targets callable selected {what}; {self.needs} ndim >= 2 (after "
             f"{r[4]} stack axes). Return False for it.")
       raise ValueError(
-          f"jlora.apply: targets={self.targets!r} selects {r[2]}; LoRA needs a kernel with "
+          f"{self.who}: targets={self.targets!r} selects {r[2]}; {self.needs} a kernel with "
           f"ndim >= 2. Narrow the pattern so it leaves {r[1]!r} out.")
 
 
@@ -535,6 +540,14 @@ def _make_lora(ps, leaf, n_stack, *, rank, alpha, layout, in_axes, key, dtype, i
   a_shape = stack_shape + a_dims + (r,)
   b_shape = stack_shape + (r,) + b_dims
   lim = math.sqrt(6.0 / fan_in) if init == "he_uniform" else 1.0 / r
+  if isinstance(leaf, Quantized) and leaf.stack != n_stack:
+    if leaf.double_quant:
+      raise ValueError(
+          f"jlora.apply: the weight at {ps!r} was quantized with double quantization over "
+          f"{leaf.stack} stack axes, and jlora.apply gives it {n_stack}; the second-level "
+          f"scales are per stack slice. Pass the same `stacked=` to jlora.quantize and "
+          f"jlora.apply.")
+    leaf = dataclasses.replace(leaf, stack=n_stack)
   a, b = make_adapters(leaf, k, a_shape, b_shape, dtype, init, lim, a_axes, n_stack)
   return LoRA(w=leaf, a=a, b=b, alpha=al, a_axes=a_axes, stack=n_stack, rslora=rslora)
 
@@ -587,3 +600,134 @@ def make_adapters(w, key, a_shape, b_shape, dtype, init, lim, a_axes, stack):
     a, b = _init_adapters(*args)
     return jax.device_put(a, shs[0]), jax.device_put(b, shs[1])
   return _adapter_maker(*shs)(*args)  # several hosts: each makes only its own shards
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def quantize(
+    params: Any,
+    kind: str = "nf4",
+    *,
+    block_size: int = 64,
+    targets: P.Pattern = "all-linear",
+    stacked: P.Pattern | Mapping[str, int] = None,
+    double_quant: bool = False,
+) -> Any:
+  """Returns `params` with the chosen frozen kernels stored block-quantized (QLoRA's base).
+
+  Each target becomes a `jlora.Quantized` leaf: codes plus one scale per block of
+  `block_size` consecutive elements of the kernel's last axis. A `jlora.LoRA`
+  leaf keeps its adapters and gets a quantized `w`, so `quantize` and `apply`
+  compose in either order. `jlora.lora(fn)` runs matmuls with a quantized weight
+  dequantizing it inside the computation (no full-precision copy is kept, in the
+  step or between steps; the backward pass dequantizes again rather than saving
+  it); `jlora.merge` gives the dequantized weight plus the adapters' delta.
+
+  Args:
+    params: a parameter tree (plain, or made by `jlora.apply`).
+    kind: `"nf4"` (QLoRA's 4-bit NormalFloat: the code book of the QLoRA paper,
+      block-wise absmax scaling, bit-exact with bitsandbytes' NF4), `"int8"`
+      (symmetric, scale = absmax/127 per block) or `"fp8"` (`float8_e4m3fn`
+      codes, scale = absmax/448 per block).
+    block_size: elements per block (default 64, as QLoRA); it must divide
+      each target's last axis (and be even, for NF4's two codes per byte).
+    targets: which kernels, as in `jlora.apply`: `"all-linear"` (default, every
+      kernel except embedding tables and the LM head, as QLoRA quantizes every
+      linear layer), `None` (the query and value projections), a regular
+      expression of '/'-joined key paths, a list of them, or a callable
+      `(path, leaf) -> bool`. Embeddings and norms stay as they are unless a
+      pattern names them. A `jlora.LoRA` leaf qualifies by its weight.
+    stacked: leading stack axes of plain leaves, as in `jlora.apply` (a LoRA
+      leaf knows its own); they matter for the double quantization, which
+      works per stack slice so `lax.scan` can slice it.
+    double_quant: also quantize the scales (8-bit, blocks of 256, after
+      subtracting their mean), as QLoRA's double quantization: 8.1 bits per
+      block of 64 instead of 32.
+
+  Returns:
+    The same tree with `jlora.Quantized` weights.
+
+  Raises:
+    ValueError: an unknown kind, a bad block size, no target, a block size
+      that does not divide a target's last axis (naming the path and the fix),
+      a leaf that is already quantized.
+    TypeError: a target that is `jlora.Trainable` (it is trained, so it cannot
+      be frozen into codes).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> k = jax.random.split(jax.random.key(0), 2)
+    >>> params = {"q_proj": {"kernel": jax.random.normal(k[0], (64, 128))},
+    ...           "mlp": {"kernel": jax.random.normal(k[1], (64, 128))}}
+    >>> t = jlora.apply(jlora.quantize(params, "nf4"), rank=4)
+    >>> type(t["q_proj"]["kernel"].w).__name__, type(t["mlp"]["kernel"]).__name__
+    ('Quantized', 'Quantized')
+    >>> x = jnp.ones((2, 64))
+    >>> y = jlora.lora(lambda p, x: x @ p["q_proj"]["kernel"])(t, x)
+    >>> bool(jnp.allclose(y, x @ jlora.merge(t)["q_proj"]["kernel"], atol=1e-4))
+    True
+  """
+  if not isinstance(kind, str) or kind not in QKINDS:
+    raise ValueError(f"jlora.quantize: kind={kind!r} is not one of {QKINDS}.")
+  bs = _as_int(block_size)
+  if bs is None or bs < 1 or (kind == "nf4" and bs % 2):
+    raise ValueError(f"jlora.quantize: block_size={block_size!r} must be a positive "
+                     f"{'even ' if kind == 'nf4' else ''}int, e.g. 64.")
+  if not isinstance(double_quant, (bool, np.bool_)):
+    raise TypeError(f"jlora.quantize: double_quant={double_quant!r} must be True or False.")
+  select = _Targets(targets, stacked, who="jlora.quantize")
+  stack = _Stack(stacked)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+  leaves = [(P.path_str(path), leaf) for path, leaf in flat]
+  if stacked is not None and not any(stack.matches(ps) for ps, _ in leaves):
+    _raise_no_match("stacked", stacked, stack.hint, [ps for ps, _ in leaves],
+                    "the '/'-joined key paths of the leaves with leading stack axes (layers "
+                    "stacked for lax.scan), e.g. stacked=r'^layers/'", who="jlora.quantize")
+  out, matched, candidates, rejects = [], 0, [], []
+  for ps, leaf in leaves:
+    if isinstance(leaf, Quantized) or (isinstance(leaf, LoRA) and isinstance(leaf.w, Quantized)):
+      if not select.is_preset and select.sel(ps, leaf):
+        raise ValueError(f"jlora.quantize: the weight at {ps!r} is already quantized "
+                         f"({leaf.w if isinstance(leaf, LoRA) else leaf!r}). Quantize the "
+                         f"float tree once; to re-quantize, jlora.quantize(jlora.merge(tree)).")
+      out.append(leaf)
+      continue
+    if isinstance(leaf, Trainable):
+      if not select.is_preset and select.sel(ps, leaf):
+        raise TypeError(f"jlora.quantize: targets={targets!r} matched {ps!r}, a "
+                        f"jlora.Trainable leaf: it is trained in full, so it cannot be frozen "
+                        f"into codes. Narrow the pattern so it leaves {ps!r} out.")
+      out.append(leaf)
+      continue
+    w, n_stack = (leaf.w, leaf.stack) if isinstance(leaf, LoRA) else (leaf, stack.count(ps))
+    if P.qualifies(ps, _KernelView(w, n_stack)) and not P.is_embedding(ps):
+      candidates.append(ps)
+    decision = select.decide(ps, w, n_stack)
+    if decision is _ADAPT:
+      matched += 1
+      q = _quantize_leaf(ps, w, kind, bs, bool(double_quant), n_stack)
+      out.append(dataclasses.replace(leaf, w=q) if isinstance(leaf, LoRA) else q)
+      continue
+    if decision is not _SKIP:
+      rejects.append(decision)
+    out.append(leaf)
+  select.raise_for(rejects, matched, candidates)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _quantize_leaf(ps, w, kind, bs, double_quant, n_stack) -> Quantized:
+  n = int(w.shape[-1])
+  if n % bs:
+    divisors = [d for d in (256, 128, 64, 32, 16, 8, 4, 2) if n % d == 0]
+    fix = f"block_size={divisors[0]}" if divisors else "leave it out of `targets`"
+    raise ValueError(
+        f"jlora.quantize: block_size={bs} does not divide the last axis ({n}) of the kernel at "
+        f"{ps!r} of shape {tuple(w.shape)}; blocks run along the last axis. Pass {fix}, or "
+        f"leave {ps!r} out of `targets`.")
+  return _quantize_jit(w, kind, bs, double_quant, n_stack)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize_jit(w, kind, bs, double_quant, n_stack):
+  return quantize_array(w, kind, bs, double_quant, n_stack)

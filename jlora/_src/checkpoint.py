@@ -59,6 +59,7 @@ import orbax.checkpoint as ocp
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.qarray import Quantized
 from jlora._src.version import VERSION
 
 try:
@@ -115,6 +116,9 @@ def _shape(x) -> tuple[int, ...]:
 
 
 def _dtype(x) -> str:
+  if isinstance(x, Quantized):  # the fingerprint tells a quantized base from a float one
+    dq = "+dq" if x.double_quant else ""
+    return f"{x.kind}/{x.block_size}{dq}->{x.dtype_name}"
   dt = getattr(x, "dtype", None)
   return str(np.dtype(dt)) if dt is not None else str(np.asarray(x).dtype)
 

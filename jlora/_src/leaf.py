@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._src.qarray import Quantized
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRA:
@@ -135,8 +137,8 @@ def is_lora(x: Any) -> bool:
 
 
 def is_node(x: Any) -> bool:
-  """True for jlora's own nodes (`LoRA`, `Trainable`): use as `is_leaf`."""
-  return isinstance(x, (LoRA, Trainable))
+  """True for jlora's own nodes (`LoRA`, `Trainable`, `Quantized`): use as `is_leaf`."""
+  return isinstance(x, (LoRA, Trainable, Quantized))
 
 
 def _shape(x) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.qarray import Quantized
 from jlora._src.specs import tree_shardings
 from jlora._src.tree import combine, split
 
@@ -25,9 +26,16 @@ TRAIN, FREEZE = "train", "freeze"
 
 def labels(tree: Any) -> Any:
   """`"train"`/`"freeze"` per array leaf of a jlora tree (`None` holes stay `None`)."""
+  def frozen(v):  # a quantized weight is a node of several arrays, each frozen
+    if v is None:
+      return None
+    return jax.tree_util.tree_map(lambda _: FREEZE, v) if isinstance(v, Quantized) else FREEZE
+
   def lab(x):
+    if isinstance(x, Quantized):
+      return frozen(x)
     if isinstance(x, LoRA):
-      return dataclasses.replace(x, w=None if x.w is None else FREEZE,
+      return dataclasses.replace(x, w=frozen(x.w),
                                  a=None if x.a is None else TRAIN,
                                  b=None if x.b is None else TRAIN)
     if isinstance(x, Trainable):

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._src import boxes, compat, paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.qarray import Quantized
 
 ADAPTERS = ("derived", "replicated")
 
@@ -36,10 +37,32 @@ def _pad(spec, ndim: int) -> tuple:
 
 def _own_spec(x):
   """`(spec, mesh)` from the array's own `NamedSharding`, or `(None, None)`."""
+  if isinstance(x, Quantized):  # its codes are laid out as the weight
+    x = x.codes
   sh = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else None
   if isinstance(sh, NamedSharding):
     return tuple(sh.spec), sh.mesh
   return None, None
+
+
+def quantized_specs(w_spec: Sequence[Any], q: Quantized) -> Quantized:
+  """The specs of a quantized weight's arrays from the weight's spec.
+
+  The codes are laid out as the weight (NF4's packed last axis holds pairs of
+  its elements); the scales as the weight except along the last axis, the axis
+  of the blocks, which they keep whole (a block count need not divide by the
+  mesh); a double quantization's second-level scales and offsets follow the
+  stack axes only.
+  """
+  spec = _pad(w_spec, q.ndim)
+  if q.transposed:  # the codes store the weight's transpose
+    spec = spec[:-2] + (spec[-1], spec[-2])
+  lead = spec[:q.stack]
+  return dataclasses.replace(
+      q, codes=_trim(PartitionSpec(*spec)),
+      scales=_trim(PartitionSpec(*spec[:-1], None)),
+      scale_scales=None if q.scale_scales is None else _trim(PartitionSpec(*lead, None)),
+      scale_offset=None if q.scale_offset is None else _trim(PartitionSpec(*lead)))
 
 
 def adapter_specs(w_spec: Sequence[Any], a_axes: Sequence[int], stack: int, ndim: int
@@ -120,6 +143,8 @@ class _Walker:
           self.seen.append((f"{ps}/{name}", name if name != "w" else None, tuple(v.shape), s))
     elif isinstance(value, Trainable) and isinstance(spec, Trainable):
       self._record(ps, value.value, spec.value)
+    elif isinstance(value, Quantized) and isinstance(spec, Quantized):
+      self.seen.append((ps, None, tuple(value.codes.shape), spec.codes))
     elif isinstance(spec, PartitionSpec) and hasattr(value, "shape"):
       self.seen.append((ps, None, tuple(value.shape), spec))
 
@@ -159,6 +184,8 @@ class _Walker:
       return dataclasses.replace(x, a=a_spec if x.a is not None else None,
                                  b=b_spec if x.b is not None else None)
     a_spec, b_spec = self._derived(ps, tuple(w_spec), x, ndim)
+    if isinstance(x.w, Quantized):
+      w_spec = quantized_specs(tuple(w_spec), x.w)
     return dataclasses.replace(x, w=w_spec, a=a_spec if x.a is not None else None,
                                b=b_spec if x.b is not None else None)
 
@@ -199,6 +226,10 @@ class _Walker:
       return out  # a Linen box is dropped (as nn.get_partition_spec does)
     if isinstance(x, (PartitionSpec, jax.sharding.Sharding)):
       return x
+    if isinstance(x, Quantized):
+      out = quantized_specs(tuple(self.array_spec(ps, x)), x)
+      self._record(ps, x, out)
+      return out
     out = self.array_spec(ps, x)
     self._record(ps, x, out)
     return out

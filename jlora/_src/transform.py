@@ -71,6 +71,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jlora._src import compat, paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node, lora_delta
+from jlora._src.qarray import Quantized
 
 
 class MaterializeWarning(UserWarning):
@@ -101,6 +102,34 @@ class _LV:
 jax.tree_util.register_dataclass(_LV)
 
 
+@dataclasses.dataclass(frozen=True)
+class _QV:
+  """A quantized weight without adapters inside the interpreter."""
+
+  q: Quantized
+  path: str = dataclasses.field(metadata=dict(static=True))
+
+  shape = property(lambda self: self.q.shape)
+  ndim = property(lambda self: self.q.ndim)
+  dtype = property(lambda self: self.q.dtype)
+  size = property(lambda self: self.q.size)
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(_QV)
+
+
+def _is_q(x) -> bool:
+  return isinstance(x, Quantized)
+
+
+def _weight(w) -> jax.Array:
+  """A weight as an array: a quantized one dequantized (to its dtype)."""
+  return w.dequantize() if _is_q(w) else w
+
+
 class _Ctx:
   def __init__(self, strict: bool, fold: str, values: list):
     self.strict = strict
@@ -116,7 +145,9 @@ class _Ctx:
       self._platform = platform_of(self._values)
     return self._platform
 
-  def materialize(self, lv: _LV, op: str) -> jax.Array:
+  def materialize(self, lv: _LV | _QV, op: str) -> jax.Array:
+    if isinstance(lv, _QV):
+      return self.dequantize(lv, op)
     if self.strict:
       raise ValueError(
           f"jlora.lora(strict=True): the LoRA weight at {lv.path!r} reaches `{op}`, which "
@@ -131,15 +162,45 @@ class _Ctx:
           stacklevel=4)
     return _dense(lv)
 
+  def dequantize(self, qv: _QV, op: str) -> jax.Array:
+    if self.strict:
+      raise ValueError(
+          f"jlora.lora(strict=True): the quantized weight at {qv.path!r} reaches `{op}`, which "
+          f"cannot run on its codes. Use it through a matmul (dot_general/einsum) or an "
+          f"embedding lookup, or pass strict=False to dequantize it there (with a warning).")
+    if (qv.path, op) not in self.warned:
+      self.warned.add((qv.path, op))
+      warnings.warn(
+          f"jlora.lora: dequantizing the {qv.q.kind} weight at {qv.path!r} (full size "
+          f"{tuple(qv.shape)}, {qv.dtype}) for `{op}`, which cannot run on its codes; that "
+          f"copy is live while it is used. Pass strict=True to make this an error.",
+          MaterializeWarning, stacklevel=4)
+    return qv.q.dequantize()
+
 
 def _dense(lv: _LV) -> jax.Array:
+  w = _weight(lv.w)
   d = lora_delta(lv.a, lv.b, lv.a_axes, lv.stack, lv.scale)
-  ct = jnp.promote_types(lv.w.dtype, d.dtype)
-  return (lv.w.astype(ct) + d.astype(ct)).astype(lv.w.dtype)
+  ct = jnp.promote_types(w.dtype, d.dtype)
+  return (w.astype(ct) + d.astype(ct)).astype(w.dtype)
 
 
 def _is_lv(x) -> bool:
   return isinstance(x, _LV)
+
+
+def _is_qv(x) -> bool:
+  return isinstance(x, _QV)
+
+
+def _special(x) -> bool:
+  """A value the rules handle: a LoRA weight or a quantized weight."""
+  return isinstance(x, (_LV, _QV))
+
+
+def _has_q(x) -> bool:
+  """A quantized weight, alone or under an adapter."""
+  return isinstance(x, _QV) or (isinstance(x, _LV) and _is_q(x.w))
 
 
 # The name of every adapter activation `x·a` (rank-wide), for remat policies.
@@ -223,25 +284,31 @@ def lora(fn: Callable[..., Any], *, strict: bool = False, fold: str = "auto"
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_node)
-    dyn_pos, dyn_vals, trace_vals, statics = [], [], [], []
+    dyn_pos, dyn_vals, trace_vals, statics, where = [], [], [], [], []
     for i, (path, x) in enumerate(leaves):
-      if isinstance(x, LoRA):
+      if isinstance(x, Quantized):
+        dyn_pos.append(i), dyn_vals.append(_QV(x, _arg_path(path)))
+        trace_vals.append(jax.ShapeDtypeStruct(x.shape, x.dtype)), where.append(x.codes)
+      elif isinstance(x, LoRA):
         if x.w is None or x.a is None or x.b is None:
           raise ValueError(
               f"jlora.lora: the LoRA leaf at {_arg_path(path)!r} has a missing field (w, a or "
               f"b is None): it is one half of jlora.split. Pass jlora.combine(trainable, "
               f"frozen).")
         lv = _LV(x.w, x.a, x.b, x.scale, x.a_axes, x.stack, _arg_path(path))
-        dyn_pos.append(i), dyn_vals.append(lv), trace_vals.append(x.w)
+        w = jax.ShapeDtypeStruct(x.w.shape, x.w.dtype) if _is_q(x.w) else x.w
+        dyn_pos.append(i), dyn_vals.append(lv), trace_vals.append(w)
+        where.append(x.w.codes if _is_q(x.w) else x.w)
       elif isinstance(x, Trainable):
         dyn_pos.append(i), dyn_vals.append(x.value), trace_vals.append(x.value)
+        where.append(x.value)
       elif isinstance(x, (jax.Array, np.ndarray, np.generic)):
-        dyn_pos.append(i), dyn_vals.append(x), trace_vals.append(x)
+        dyn_pos.append(i), dyn_vals.append(x), trace_vals.append(x), where.append(x)
     statics = [x for _, x in leaves]
-    ctx = _Ctx(strict, fold, trace_vals)
-    if not any(_is_lv(v) for v in dyn_vals):
-      warnings.warn("jlora.lora: no jlora.LoRA leaf in the arguments; the function runs "
-                    "unchanged.", UserWarning, stacklevel=2)
+    ctx = _Ctx(strict, fold, where)
+    if not any(_special(v) for v in dyn_vals):
+      warnings.warn("jlora.lora: no jlora.LoRA or jlora.Quantized leaf in the arguments; the "
+                    "function runs unchanged.", UserWarning, stacklevel=2)
 
     def flat_fn(*dyn):
       vals = list(statics)
@@ -252,7 +319,7 @@ def lora(fn: Callable[..., Any], *, strict: bool = False, fold: str = "auto"
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*trace_vals)
     outs = _eval(ctx, closed.jaxpr, closed.consts, dyn_vals)
-    outs = [ctx.materialize(o, "output of the function") if _is_lv(o) else o for o in outs]
+    outs = [ctx.materialize(o, "output of the function") if _special(o) else o for o in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped
@@ -283,11 +350,13 @@ def _eval(ctx: _Ctx, jaxpr, consts, args) -> list:
     write(v, x)
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
-    if any(_is_lv(x) for x in invals):
+    if any(_special(x) for x in invals):
       rule = _RULES.get(eqn.primitive.name)
+      if rule is not None and eqn.primitive.name not in _Q_RULES and any(map(_has_q, invals)):
+        rule = None  # a rule for LoRA weights that has no form for quantized ones
       outvals = rule(ctx, eqn, invals) if rule is not None else None
       if outvals is None:  # no factored form: materialize the LoRA operands for this use
-        invals = [ctx.materialize(x, eqn.primitive.name) if _is_lv(x) else x for x in invals]
+        invals = [ctx.materialize(x, eqn.primitive.name) if _special(x) else x for x in invals]
         outvals = _bind(eqn, invals)
     else:
       outvals = _bind(eqn, invals)
@@ -311,18 +380,21 @@ def _bind(eqn, invals):
 
 
 def _materialize_all(ctx, vals, op):
-  return [ctx.materialize(v, op) if _is_lv(v) else v for v in vals]
+  return [ctx.materialize(v, op) if _special(v) else v for v in vals]
 
 
 # --------------------------------------------------------------------------- rules
 
 _RULES: dict[str, Callable] = {}
+_Q_RULES: set[str] = set()  # the rules that also take quantized weights
 
 
-def _rule(*names):
+def _rule(*names, quantized=False):
   def deco(f):
     for n in names:
       _RULES[n] = f
+      if quantized:
+        _Q_RULES.add(n)
     return f
   return deco
 
@@ -330,11 +402,15 @@ def _rule(*names):
 _LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQSTUVWXYZ"  # 'r' is the rank
 
 
-@_rule("dot_general")
+@_rule("dot_general", quantized=True)
 def _dot_general(ctx, eqn, invals):
   lhs, rhs = invals
-  if _is_lv(lhs) and _is_lv(rhs):
-    rhs = ctx.materialize(rhs, "dot_general of two LoRA weights")
+  if _special(lhs) and _special(rhs):
+    rhs = ctx.materialize(rhs, "dot_general of two LoRA or quantized weights")
+  if _is_qv(lhs) or _is_qv(rhs):
+    q_is_lhs = _is_qv(lhs)
+    qv, x = (lhs, rhs) if q_is_lhs else (rhs, lhs)
+    return _qdot(eqn, qv.q, x, q_is_lhs)
   lv_is_lhs = _is_lv(lhs)
   lv, x = (lhs, rhs) if lv_is_lhs else (rhs, lhs)
   params = dict(eqn.params)
@@ -387,10 +463,47 @@ def _dot_general(ctx, eqn, invals):
   t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
   if xa_first and not lv_is_lhs and _fold_pays(ctx, x, lv, t, wc, xc, wb, params):
     return _folded_matmul(x, t, lv.w, b, pet, prec)
-  base = eqn.primitive.bind(*((lv.w, x) if lv_is_lhs else (x, lv.w)), **params)
+  if _is_q(lv.w):
+    base = _qdot(eqn, lv.w, x, lv_is_lhs)
+  else:
+    base = eqn.primitive.bind(*((lv.w, x) if lv_is_lhs else (x, lv.w)), **params)
   y = jnp.einsum(f"{''.join(mid_lab)},{''.join(second_lab)}->{''.join(out)}", t, second,
                  precision=prec, preferred_element_type=pet)
   return base + y.astype(base.dtype)
+
+
+def _qdot(eqn, q: Quantized, x, q_is_lhs: bool):
+  """`dot_general` with a quantized weight, dequantized inside the computation.
+
+  A custom VJP keeps only the codes (already live) for the backward pass, which
+  dequantizes again for `dx`; no weight gradient is formed (the weight is
+  frozen). Each dequantization waits, through an optimization barrier, for its
+  matmul's other operand (`x` forward, the output's cotangent backward), so XLA
+  cannot hoist all layers' dequantizations to the start of a pass and hold them
+  all at once.
+  """
+  def dot(x, w):
+    return eqn.primitive.bind(*((w, x) if q_is_lhs else (x, w)), **eqn.params)
+
+  @jax.custom_vjp
+  def qdot(x, q):
+    x, q = lax.optimization_barrier((x, q))
+    return dot(x, q.dequantize())
+
+  x_shape, x_dtype = x.shape, x.dtype
+
+  def fwd(x, q):
+    return qdot(x, q), q
+
+  def bwd(q, dy):
+    dy, q = lax.optimization_barrier((dy, q))
+    w = q.dequantize()
+    _, vjp = jax.vjp(lambda x: dot(x, w), jnp.zeros(x_shape, x_dtype))
+    (dx,) = vjp(dy)
+    return dx, None
+
+  qdot.defvjp(fwd, bwd)
+  return qdot(x, q)
 
 
 def _pair_labels(x_lab, first, other, out):
@@ -413,7 +526,7 @@ def _fold_pays(ctx: _Ctx, x, lv: _LV, t, wc, xc, wb, params) -> bool:
   dtype, no explicit `out_sharding`, and `K + r` a multiple of 8 (aligned GEMM rows).
   `ctx.fold` (`lora`'s `fold`) decides as its docstring says.
   """
-  if ctx.fold == "never":
+  if ctx.fold == "never" or _is_q(lv.w):
     return False
   w = lv.w
   plain = (w.ndim == 2 and lv.stack == 0 and tuple(lv.a_axes) == (0,) and not wb
@@ -460,30 +573,43 @@ def _folded_matmul_jvp(pet, prec, primals, tangents):
   return y, dy.astype(y.dtype)
 
 
-@_rule("convert_element_type")
+@_rule("convert_element_type", quantized=True)
 def _convert(ctx, eqn, invals):
   (lv,) = invals
   new = eqn.params["new_dtype"]
   if not jnp.issubdtype(new, jnp.floating):
     return None
-  return lv.replace(w=_bind(eqn, [lv.w]))
+  if _is_qv(lv):  # a quantized weight dequantizes to the new dtype
+    return lv.replace(q=lv.q.astype(new))
+  return lv.replace(w=lv.w.astype(new) if _is_q(lv.w) else _bind(eqn, [lv.w]))
 
 
-@_rule("copy", "copy_p")
+@_rule("copy", "copy_p", quantized=True)
 def _copy(ctx, eqn, invals):
   return invals[0]
 
 
-@_rule("sharding_constraint")
+@_rule("sharding_constraint", quantized=True)
 def _sharding_constraint(ctx, eqn, invals):
   (lv,) = invals
+  if _has_q(lv):  # a layout hint for the dequantized weight: the codes keep their own layout
+    return lv
   return lv.replace(w=_bind(eqn, [lv.w]))
 
 
-@_rule("transpose")
+def _swaps_last_two(perm) -> bool:
+  n = len(perm)
+  return n >= 2 and tuple(perm) == tuple(range(n - 2)) + (n - 1, n - 2)
+
+
+@_rule("transpose", quantized=True)
 def _transpose(ctx, eqn, invals):
   (lv,) = invals
   perm = tuple(eqn.params["permutation"])
+  if _has_q(lv) and not _swaps_last_two(perm):
+    return None  # a quantized weight keeps its blocks: only `.T` of the last two axes is free
+  if _is_qv(lv):
+    return lv.replace(q=lv.q.mT)
   s = lv.stack
   if tuple(perm[:s]) != tuple(range(s)):
     return None  # stack axes must stay in front
@@ -495,7 +621,8 @@ def _transpose(ctx, eqn, invals):
   b_order = [lv.b_axes.index(kperm[j]) for j in new_b]
   a = jnp.transpose(lv.a, tuple(range(s)) + tuple(s + i for i in a_order) + (lv.a.ndim - 1,))
   b = jnp.transpose(lv.b, tuple(range(s + 1)) + tuple(s + 1 + i for i in b_order))
-  return lv.replace(w=_bind(eqn, [lv.w]), a=a, b=b, a_axes=new_a)
+  w = lv.w.mT if _is_q(lv.w) else _bind(eqn, [lv.w])
+  return lv.replace(w=w, a=a, b=b, a_axes=new_a)
 
 
 def _groups(old: tuple[int, ...], new: tuple[int, ...]):
@@ -615,19 +742,51 @@ def _dynamic_slice(ctx, eqn, invals):
   return lv.replace(w=_bind(eqn, [lv.w, *starts]), a=cut(lv.a, fa), b=cut(lv.b, fb))
 
 
-@_rule("gather")
+def _row_gather(eqn, d: int) -> bool:
+  """Whether a gather takes whole rows of a `(n, d)` operand (an embedding lookup)."""
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  return (tuple(p["slice_sizes"]) == (1, d) and tuple(dn.collapsed_slice_dims) == (0,)
+          and tuple(dn.start_index_map) == (0,) and not tuple(dn.operand_batching_dims)
+          and len(dn.offset_dims) == 1)
+
+
+def _gather_rows(eqn, arr, idx):
+  """The gather of `eqn` on another operand with as many rows (its own row width)."""
+  p = eqn.params
+  return lax.gather(arr, idx, p["dimension_numbers"], (1, arr.shape[1]),
+                    indices_are_sorted=p["indices_are_sorted"],
+                    unique_indices=p["unique_indices"], mode=p["mode"],
+                    fill_value=p.get("fill_value") if jnp.issubdtype(arr.dtype, jnp.inexact)
+                    else None)
+
+
+def _q_rows(eqn, q: Quantized, idx):
+  """Rows of a quantized table: the codes' and the scales' rows, dequantized (no full copy)."""
+  pos = eqn.params["dimension_numbers"].offset_dims[0]
+  rows = Quantized(codes=jnp.moveaxis(_gather_rows(eqn, q.codes, idx), pos, -1),
+                   scales=jnp.moveaxis(_gather_rows(eqn, q.block_scales(), idx), pos, -1),
+                   kind=q.kind, block_size=q.block_size, dtype_name=q.dtype_name)
+  return jnp.moveaxis(rows.dequantize(), -1, pos)
+
+
+@_rule("gather", quantized=True)
 def _gather(ctx, eqn, invals):
   lv, idx = invals
-  if _is_lv(idx) or lv.stack or lv.w.ndim != 2 or lv.a_axes != (0,):
+  if _special(idx):
+    return None
+  if _is_qv(lv):
+    q = lv.q
+    if q.ndim != 2 or q.stack or q.transposed or not _row_gather(eqn, q.shape[1]):
+      return None
+    return _q_rows(eqn, q, idx)
+  if lv.stack or lv.w.ndim != 2 or lv.a_axes != (0,) or not _row_gather(eqn, lv.w.shape[1]):
+    return None
+  if _is_q(lv.w) and (lv.w.stack or lv.w.transposed):
     return None
   p = eqn.params
   dn = p["dimension_numbers"]
-  d = lv.w.shape[1]
-  if (tuple(p["slice_sizes"]) != (1, d) or tuple(dn.collapsed_slice_dims) != (0,)
-      or tuple(dn.start_index_map) != (0,) or tuple(dn.operand_batching_dims)
-      or len(dn.offset_dims) != 1):
-    return None
-  base = _bind(eqn, [lv.w, idx])
+  base = _q_rows(eqn, lv.w, idx) if _is_q(lv.w) else _bind(eqn, [lv.w, idx])
   r = lv.a.shape[-1]
   rows = lax.gather(lv.a, idx, dn, (1, r), indices_are_sorted=p["indices_are_sorted"],
                     unique_indices=p["unique_indices"], mode=p["mode"],
@@ -695,13 +854,13 @@ def _rev(ctx, eqn, invals):
                     b=lax.rev(lv.b, b_dims) if b_dims else lv.b)
 
 
-@_rule("pjit", "jit", "closed_call", "core_call")
+@_rule("pjit", "jit", "closed_call", "core_call", quantized=True)
 def _inline(ctx, eqn, invals):
   jaxpr, consts = _open(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
   return _eval(ctx, jaxpr, consts, invals)
 
 
-@_rule("remat2", "checkpoint", "remat")
+@_rule("remat2", "checkpoint", "remat", quantized=True)
 def _remat(ctx, eqn, invals):
   jaxpr, consts = _open(eqn.params["jaxpr"])
   name = eqn.primitive.name
@@ -713,7 +872,7 @@ def _remat(ctx, eqn, invals):
                         policy=eqn.params.get("policy"))(*invals)
 
 
-@_rule("cond")
+@_rule("cond", quantized=True)
 def _cond(ctx, eqn, invals):
   index, *ops = invals
   branches = eqn.params["branches"]
@@ -741,18 +900,17 @@ def _scan_operands(p, invals):
   return list(consts), list(carry), list(xs)
 
 
-@_rule("scan")
+@_rule("scan", quantized=True)
 def _scan(ctx, eqn, invals):
   p = eqn.params
   consts, init, xs = _scan_operands(p, invals)
   nk = len(init)
   init = _materialize_all(ctx, init, "scan carry")
-  xs = [ctx.materialize(x, "scan over a kernel axis") if _is_lv(x) and x.stack == 0 else x
-        for x in xs]
+  xs = [ctx.materialize(x, "scan over a kernel axis") if _scan_cuts(x) else x for x in xs]
   body, body_consts = _open(p["jaxpr"])
 
   def step(carry, x):
-    x = [v.replace(stack=v.stack - 1) if _is_lv(v) else v for v in x]
+    x = [_unstack(v) for v in x]
     outs = _materialize_all(ctx, _eval(ctx, body, body_consts, [*consts, *carry, *x]),
                             "output of scan")
     return outs[:nk], outs[nk:]
@@ -762,7 +920,26 @@ def _scan(ctx, eqn, invals):
   return [*carry, *ys]
 
 
-@_rule("while")
+def _scan_cuts(v) -> bool:
+  """Whether scanning over `v`'s leading axis cuts through a kernel (not a stack axis)."""
+  if _is_lv(v):
+    return v.stack == 0
+  if _is_qv(v):  # codes and scales keep the leading axes; a double quantization is per stack slice
+    return v.q.stack == 0 and (v.q.double_quant or v.q.ndim < 3)
+  return False
+
+
+def _unstack(v):
+  """One slice of a stacked weight, as `lax.scan` hands it to the body."""
+  if _is_qv(v):
+    return v.replace(q=dataclasses.replace(v.q, stack=max(v.q.stack - 1, 0)))
+  if _is_lv(v):
+    w = dataclasses.replace(v.w, stack=v.w.stack - 1) if _is_q(v.w) else v.w
+    return v.replace(w=w, stack=v.stack - 1)
+  return v
+
+
+@_rule("while", quantized=True)
 def _while(ctx, eqn, invals):
   p = eqn.params
   cn, bn = p["cond_nconsts"], p["body_nconsts"]

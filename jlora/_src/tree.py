@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.qarray import Quantized
 
 
 class Split(NamedTuple):
@@ -62,8 +63,9 @@ def combine(trainable: Any, frozen: Any) -> Any:
     ValueError: the halves do not come from the same tree (the message names
       the first differing path), or both or neither hold data at a path.
   """
-  t_def = jax.tree_util.tree_structure(trainable, is_leaf=lambda x: x is None)
-  f_def = jax.tree_util.tree_structure(frozen, is_leaf=lambda x: x is None)
+  hole = lambda x: x is None or isinstance(x, Quantized)  # a quantized weight is frozen whole
+  t_def = jax.tree_util.tree_structure(trainable, is_leaf=hole)
+  f_def = jax.tree_util.tree_structure(frozen, is_leaf=hole)
   if t_def != f_def:
     what, fix = _first_difference(trainable, frozen)
     raise ValueError(
@@ -78,8 +80,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
     raise ValueError(f"jlora.combine: both halves hold a value at {P.path_str(path)!r}; "
                      f"the halves of jlora.split hold each leaf in exactly one of them.")
 
-  return jax.tree_util.tree_map_with_path(pick, trainable, frozen,
-                                          is_leaf=lambda x: x is None)
+  return jax.tree_util.tree_map_with_path(pick, trainable, frozen, is_leaf=hole)
 
 
 _SAME_TREE = ("Pass the two halves of one jlora.split(tree), or trees built from them with the "
@@ -123,8 +124,10 @@ def _first_difference(a, b) -> tuple[str, str]:
 
 
 def _merge_leaf(x):
+  if isinstance(x, Quantized):
+    return x.dequantize()
   if isinstance(x, LoRA):
-    w = x.w
+    w = x.w.dequantize() if isinstance(x.w, Quantized) else x.w
     d = x.delta()
     ct = jnp.promote_types(w.dtype, d.dtype)
     return (w.astype(ct) + d.astype(ct)).astype(w.dtype)
@@ -156,7 +159,10 @@ def _merge_jit_donate(trainable, frozen):
 def merge(tree: Any, *, donate: bool = False) -> Any:
   """Folds every adapter into its weight: `w + scale * a @ b`, cast to `w`'s dtype.
 
-  `Trainable` leaves are unwrapped; plain leaves pass through. The sum is taken
+  `Trainable` leaves are unwrapped; plain leaves pass through. A quantized
+  weight (`jlora.quantize`) is dequantized to its dtype (the compute dtype),
+  with or without an adapter: the result is a plain tree, never re-quantized
+  (to quantize the merged weights again: `jlora.quantize(jlora.merge(tree))`). The sum is taken
   in the promoted dtype of `w` and the adapters, then cast back. Jitted; with
   `donate=True` the buffers of the frozen weights are donated to the result
   (don't use `tree` afterwards).
@@ -168,8 +174,9 @@ def merge(tree: Any, *, donate: bool = False) -> Any:
     >>> bool((jlora.merge(t)["q_proj"] == 1).all())  # b == 0 at init
     True
   """
-  if not donate:
-    return _merge_jit(tree)
+  if not donate or any(isinstance(x, Quantized) for x in
+                       jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, Quantized))):
+    return _merge_jit(tree)  # (codes are not the weight's size: nothing to donate them to)
   trainable, frozen = split(tree)
   return _merge_jit_donate(trainable, _distinct_buffers(frozen))
 
@@ -243,6 +250,9 @@ def summary(tree: Any, *, max_rows: int | None = None) -> str:
         v = getattr(x, name)
         if v is not None:
           rows.append((f"  .{name}", _fmt_shape(v.shape), str(v.dtype), "", ""))
+    elif isinstance(x, Quantized):
+      rows.append((ps, _fmt_shape(x.shape), f"{x.kind}->{x.dtype_name}", "",
+                   f"{_size(x):,} frozen"))
     elif isinstance(x, Trainable) and x.value is None:
       continue  # the frozen half of jlora.split: the value lives in the trainable half
     elif isinstance(x, Trainable):
