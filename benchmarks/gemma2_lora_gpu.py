@@ -206,9 +206,11 @@ def _xla_analysis(row: dict, jitted, state, ids, hlo_out: str) -> None:
     ma = compiled.memory_analysis()
     row["xla_memory_gib"] = {k: round(getattr(ma, k + "_in_bytes") / 2 ** 30, 2)
                              for k in ("argument_size", "output_size", "alias_size", "temp_size")}
+    text = compiled.as_text()
+    row["hlo_opt_barriers"] = text.count(" opt-barrier(")  # jlora's quantized matmuls keep theirs?
     if hlo_out:
       with gzip.open(hlo_out, "wt") as f:
-        f.write(compiled.as_text())
+        f.write(text)
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     row["xla_tflop_per_step"] = round(float(ca.get("flops", 0.0)) / 1e12, 2)
@@ -233,7 +235,18 @@ def run(args) -> dict:
   t0 = time.perf_counter()
   # Eagerly: one small program per array shape. One jitted program for all ~290 arrays
   # took 70-100 s to compile on the H200 (runs 9-16), in the first process of each call.
-  params = G.init_params(cfg, key)
+  kernel_fn = None
+  if args.quantize != "none":  # each kernel quantized as it is drawn: no bf16 copy of them all
+    stacked = None if cfg.layers == "unstacked" else r"^layers/"
+
+    def kernel_fn(name, w):
+      q = jlora.quantize({name: w}, args.quantize, stacked=stacked, block_size=16 if args.tiny
+                         else 64, double_quant=args.double_quant)[name]
+      return jax.block_until_ready(q)
+  params = G.init_params(cfg, key, kernel_fn)
+  nbytes = lambda x: x.nbytes if isinstance(x, jlora.Quantized) else x.size * x.dtype.itemsize
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, jlora.Quantized))
+  weight_bytes = sum(nbytes(x) for x in leaves)
   ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
   step, state, ntrain, jitted = build_step(cfg, spec, params, fold=args.fold)
   del params
@@ -263,6 +276,7 @@ def run(args) -> dict:
   row = dict(
       suite="jlora", name=args.config + (f"_{args.tag}" if args.tag else ""), config=args.config,
       mode=spec["mode"], rank=spec["rank"], remat=cfg.remat, attention=cfg.attention,
+      quantize=args.quantize, double_quant=bool(args.double_quant), weight_bytes=weight_bytes,
       layers=cfg.layers, scan_unroll=cfg.scan_unroll,
       loss_chunk=cfg.loss_chunk, logits_dtype=jnp.dtype(cfg.logits_dtype).name,
       loss_math=cfg.loss_math, fold=args.fold, rope_vjp=cfg.rope_vjp,
@@ -328,6 +342,10 @@ def main(argv=None):
   p.add_argument("--profile", action="store_true", help="trace 2 more steps, summarize kernels")
   p.add_argument("--profile-out", default="", help="append the kernel summary (JSON) here")
   p.add_argument("--tag", default="", help="appended to the row's name")
+  p.add_argument("--quantize", default="none", choices=("none", "nf4", "int8", "fp8"),
+                 help="the frozen base's kernels quantized with jlora.quantize (QLoRA)")
+  p.add_argument("--double-quant", action="store_true", help="with --quantize: QLoRA's double "
+                 "quantization of the scales")
   C.add_args(p)
   args = p.parse_args(argv)
   print("jax", jax.__version__, jax.devices(), flush=True)

@@ -614,12 +614,14 @@ def _init_stacked(cfg: Gemma2Config, key: jax.Array) -> dict:
   return jax.vmap(init_one)(jax.random.split(key, cfg.num_layers))
 
 
-def init_params(cfg: Gemma2Config, key: jax.Array) -> dict:
+def init_params(cfg: Gemma2Config, key: jax.Array, kernel_fn=None) -> dict:
   """Random parameters with the model's structure, drawn straight from the PRNG.
 
   Kernels ~ N(0, 1/fan_in), the embedding ~ N(0, 1/width), norm scales zero
   (the same distributions as the modules' initializers). Cheaper to compile than
   `model.init`, which also traces the forward pass; jit it to build on device.
+  `kernel_fn(path, kernel)`, if given, replaces each kernel as soon as it is drawn
+  (e.g. quantizes it), so the float kernels never coexist.
   """
   shape_cfg = dataclasses.replace(cfg, attention="xla")  # shapes only: any attention will do
   shapes = jax.eval_shape(lambda k: Gemma2(shape_cfg).init(k, jnp.zeros((1, 1), jnp.int32)), key)
@@ -633,5 +635,6 @@ def init_params(cfg: Gemma2Config, key: jax.Array) -> dict:
     elif name == "embedding":
       out.append((jax.random.normal(k, s.shape, jnp.float32) * cfg.width ** -0.5).astype(s.dtype))
     else:
-      out.append((jax.random.normal(k, s.shape, jnp.float32) * s.shape[-2] ** -0.5).astype(s.dtype))
+      w = (jax.random.normal(k, s.shape, jnp.float32) * s.shape[-2] ** -0.5).astype(s.dtype)
+      out.append(w if kernel_fn is None else kernel_fn(name, w))
   return jax.tree_util.tree_unflatten(treedef, out)

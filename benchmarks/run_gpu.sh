@@ -207,6 +207,39 @@ phase_profile() {
   job 90 200 jlora_all16 $J all16 --profile --profile-out "$PROF" --xla-analysis --hlo-out "$OUT/hlo_all16.txt.gz"
 }
 
+# QLoRA (issue 17): jlora's all-linear r=16 step with a bf16 base and with an NF4 base (double
+# quantization), and PEFT + bitsandbytes QLoRA beside it (../shared/bench/peft_variants_bench.py,
+# copied to $SHARED_BENCH; bitsandbytes' wheel from $WHEELS/bnb into /tmp/bnb).
+SHARED_BENCH=${SHARED_BENCH:-.bench/shared}
+BNB_PATH=""
+bnb_setup() {
+  if "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then return; fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/bnb \
+    "$WHEELS"/bnb/*.whl 2>&1 | tail -2 | tee -a "$LOG"
+  BNB_PATH=/tmp/bnb
+}
+phase_qlora() {
+  versions
+  bnb_setup
+  local PV="env PYTHONPATH=$BNB_PATH:$SHARED_BENCH $PY $SHARED_BENCH/peft_variants_bench.py"
+  job 70 200 jlora_all16 $J all16 --xla-analysis
+  job 80 200 jlora_all16_nf4 $J all16 --quantize nf4 --double-quant --xla-analysis --tag nf4
+  job 80 200 jlora_all16_nf4_scan $J all16 --quantize nf4 --double-quant --layers scan \
+    --xla-analysis --tag nf4_scan
+  job 70 200 jlora_all16_scan $J all16 --layers scan --xla-analysis --tag scan
+  (( TINY )) && return
+  job 120 240 peft_qlora16_compile $PV qlora16_compile
+  job 90 200 peft_qlora16_sdpa $PV qlora16_sdpa
+}
+
+# QLoRA on 16 GB: the 8B-shaped model with an NF4 base under a 16 GB allocator cap.
+phase_qlora16gb() {
+  versions
+  local SZ=${SIZES:-4x2048,8x2048,16x2048}
+  (( TINY )) && SZ=2x32
+  job 400 560 qlora_16gb $PY benchmarks/qlora_16gb.py $ARGS --sizes $SZ --out "$OUT/qlora_16gb.json"
+}
+
 phase_check() {
   keras_setup
   job 120 300 same_model env PYTHONPATH=$KERAS_PATH KERAS_BACKEND=jax JAX_PLATFORMS=cpu \
@@ -220,7 +253,10 @@ case "$PHASE" in
   ablations) phase_ablations ;;
   profile) phase_profile ;;
   check) phase_check ;;
-  *) echo "usage: $0 table|attribution|ablations|profile|check [--tiny]" >&2; exit 2 ;;
+  qlora) phase_qlora ;;
+  qlora16gb) phase_qlora16gb ;;
+  *) echo "usage: $0 table|attribution|ablations|profile|check|qlora|qlora16gb [--tiny]" >&2
+     exit 2 ;;
 esac
 if [ "$PHASE" = table ] || [ "$PHASE" = attribution ]; then
   "$PY" benchmarks/make_table.py "$RES" --phase "$PHASE" --versions "$OUT/versions.json" \
