@@ -185,9 +185,7 @@ def test_jlora_tree_factored_and_merged_give_the_same_tokens(params):
   tree = randomize_b(jlora.apply(params, rank=4, targets="all-linear", stacked=r"^layers/"),
                      scale=0.3)
   factored = jlora.lora(MODEL.apply)
-
-  def forward(tree, tokens, attention_mask, cache):
-    return factored({"params": tree}, tokens, attention_mask, cache=cache)
+  forward = lambda t, *args, **kw: factored({"params": t}, *args, **kw)  # noqa: E731
 
   prompts = _prompts(9)
   kw = dict(key=jax.random.key(4), temperature=0.8, top_p=0.9, return_logits=True)
@@ -226,7 +224,8 @@ def test_one_compilation_for_batches_of_one_padded_shape(params):
   for seed in range(4):
     prompts = _prompts(20 + seed, lens=(3 + seed, 7 - seed))
     outs.append(_decode(params, prompts, forward=forward, key=jax.random.key(seed),
-                        temperature=0.5 + seed / 4, top_p=0.8, stop_ids=[seed + 1]).tokens)
+                        temperature=0.5 + seed / 4, top_p=0.8,
+                        stop_ids=list(range(100, 100 + 2 * seed))).tokens)  # 0 to 6 ids
   # Traced once: the prefill (2, 8) and the loop body's one-token step (2, 1), for 6 tokens.
   assert traces == [(2, 8), (2, 1)]
   assert len({np.asarray(o).tobytes() for o in outs}) == 4

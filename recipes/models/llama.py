@@ -488,6 +488,14 @@ def _row_keys(key, batch):
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
 
+def _stop_array(stop_ids):
+  """The stop ids as an int32 array padded with -1 (never a token) to a multiple of 8 entries,
+  so that a few more or fewer stop ids do not recompile."""
+  ids = np.asarray(stop_ids, np.int32).reshape(-1)
+  width = 8 * max(1, -(-len(ids) // 8))
+  return jnp.asarray(np.pad(ids, (0, width - len(ids)), constant_values=-1))
+
+
 def _check_sampling(fn, max_new_tokens, temperature, top_p):
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"{fn}: max_new_tokens={max_new_tokens!r}; give an int >= 1.")
@@ -519,12 +527,12 @@ def decode(model: Llama, params: Any, tokens, attention_mask=None, *, max_new_to
     attention_mask: `(B, P)`, 1 on real tokens (None: all real); every row
       needs at least one.
     max_new_tokens: `N` >= 1, the most tokens generated per row.
-    forward: `forward(params, tokens, attention_mask, cache) -> (logits,
-      cache)`; default `model.apply({"params": params}, tokens,
-      attention_mask, cache=cache)`. For a jlora tree run factored::
+    forward: called as `forward(params, tokens, attention_mask, cache=cache)`,
+      returns `(logits, cache)`; default `model.apply({"params": params},
+      tokens, attention_mask, cache=cache)`. For a jlora tree run factored::
 
         f = jlora.lora(model.apply)
-        forward = lambda t, toks, mask, cache: f({"params": t}, toks, mask, cache=cache)
+        forward = lambda t, *args, **kw: f({"params": t}, *args, **kw)
 
       (or pass `jlora.merge(tree)` as `params`, merged once). Data that rides
       with each row (e.g. an adapter index) can travel in `params`, as in
@@ -534,7 +542,8 @@ def decode(model: Llama, params: Any, tokens, attention_mask=None, *, max_new_to
       per row); None: `jax.random.key(0)`. Unused when greedy.
     temperature: 0 (default) is greedy; > 0 samples (see `sample`).
     top_p: the nucleus kept when sampling; 1 keeps every token.
-    stop_ids: token ids that end a row (its first one is kept in the output).
+    stop_ids: token ids that end a row (its first one is kept in the output);
+      up to 8 of them share a compiled program.
     pad_id: written after a row's last token.
     return_logits: also return each step's logits (`(B, N, V)` float32).
 
@@ -559,7 +568,7 @@ def decode(model: Llama, params: Any, tokens, attention_mask=None, *, max_new_to
           else jnp.asarray(attention_mask).astype(bool))
   return _decode(model, forward, max_new_tokens, return_logits, params, tokens, mask,
                  _row_keys(key, b), jnp.asarray(temperature, jnp.float32),
-                 jnp.asarray(top_p, jnp.float32), jnp.asarray(stop_ids, jnp.int32).reshape(-1),
+                 jnp.asarray(top_p, jnp.float32), _stop_array(stop_ids),
                  jnp.asarray(pad_id, jnp.int32))
 
 
@@ -570,7 +579,7 @@ def _decode(model, forward, n, return_logits, params, tokens, mask, keys, temper
     forward = functools.partial(_model_forward, model)
   b, p = tokens.shape
   cache = init_cache(model.config, b, p + n - 1)
-  logits, cache = forward(params, tokens, mask, cache)
+  logits, cache = forward(params, tokens, mask, cache=cache)
   last = jnp.argmax(jnp.where(mask, jnp.arange(p), -1), axis=-1)  # each row's last real token
   logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
 
@@ -595,7 +604,7 @@ def _decode(model, forward, n, return_logits, params, tokens, mask, keys, temper
 
   def body(state):
     step, cache, tok, done, out, lengths, all_logits = state
-    logits, cache = forward(params, tok[:, None], jnp.ones((b, 1), bool), cache)
+    logits, cache = forward(params, tok[:, None], jnp.ones((b, 1), bool), cache=cache)
     logits = logits[:, 0]
     tok, stopped = pick(step, logits, done)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
