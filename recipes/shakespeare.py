@@ -67,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="held-out Hamlet windows of --seq-len tokens scored (default 16)")
   p.add_argument("--sample-tokens", type=int, default=40,
                  help="the most tokens per sample (default 40; 0 = no samples)")
-  p.add_argument("--temperature", type=float, default=0.8,
-                 help="sampling temperature (default 0.8)")
+  p.add_argument("--temperature", type=float, default=1.0,
+                 help="sampling temperature (default 1.0)")
   p.add_argument("--top-p", type=float, default=0.9,
                  help="top-p (nucleus) of the samples (default 0.9; 1 = no cut)")
   p.add_argument("--greedy", action="store_true",
@@ -110,7 +110,7 @@ def restore_adapter(path: Path, tree):
 
 
 def samples(model, tree, tok, n_tokens: int, *, forward=None, greedy: bool = False,
-            temperature: float = 0.8, top_p: float = 0.9, seed: int = 0) -> list[str]:
+            temperature: float = 1.0, top_p: float = 0.9, seed: int = 0) -> list[str]:
   """A continuation of each of `PROMPTS`, ended by a `STOP_IDS` token or after `n_tokens`.
 
   `forward`: the factored forward of `make_forward(model, False)` (made once: a new one

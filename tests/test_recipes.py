@@ -43,7 +43,7 @@ def test_shakespeare_lora_lowers_held_out_hamlet_nll(smollm2, tmp_path, monkeypa
 def test_shakespeare_flags():
   a = shakespeare.parse_args([])
   assert (a.rank, a.targets, a.merge, a.steps) == (8, None, False, 40)
-  assert (a.greedy, a.temperature, a.top_p) == (False, 0.8, 0.9)
+  assert (a.greedy, a.temperature, a.top_p) == (False, 1.0, 0.9)
   assert shakespeare.parse_args(["--merge", "--remat"]).remat
   assert shakespeare.parse_args(["--greedy"]).greedy
 
