@@ -184,7 +184,7 @@ def test_stop_tokens_stop_each_row_at_its_first(params):
 def test_jlora_tree_factored_and_merged_give_the_same_tokens(params):
   tree = randomize_b(jlora.apply(params, rank=4, targets="all-linear", stacked=r"^layers/"),
                      scale=0.3)
-  factored = jlora.lora(MODEL.apply)
+  factored = jlora.lora(MODEL.apply, strict=True)  # nothing materialized in the loop
   forward = lambda t, *args, **kw: factored({"params": t}, *args, **kw)  # noqa: E731
 
   prompts = _prompts(9)

@@ -46,6 +46,11 @@ model give the same tree.
 GGUF loading dequantizes every tensor (e.g. Q4_1, Q8_0) to float32 with the
 `gguf` package: a 4-bit file gives a model with 4-bit-rounded weights.
 
+Generation: `decode` (arrays in, a `Generation` out) and `generate` (token
+lists) prefill a `KVCache` and decode in one jitted `lax.while_loop`: greedy,
+temperature and top-p sampling (`sample`), per-row stop tokens, and any
+forward function (a jlora tree run factored through `jlora.lora`, or merged).
+
 Example (a tiny random model; the real ones come from `from_gguf`):
 
   >>> import jax, jax.numpy as jnp
@@ -282,6 +287,10 @@ class KVCache(NamedTuple):
 
 def init_cache(config: LlamaConfig, batch: int, length: int) -> KVCache:
   """An empty `KVCache` of `length` slots for `batch` rows.
+
+  Size it for the prompt and every token to come: writes past the last slot
+  are clamped by `lax.dynamic_update_slice` (wrong results, no error).
+  `decode` sizes its own.
 
   Example:
     >>> c = init_cache(LlamaConfig.tiny(), batch=2, length=16)
