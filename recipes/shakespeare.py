@@ -15,10 +15,13 @@ What it does:
 4. trains with `jlora.train_step` (jitted; only the adapters are
    differentiated), running the model with `jlora.lora(model.apply)` so the
    adapters stay factored (`--merge`: fold them in with `jlora.merge` instead);
-5. reports held-out Hamlet NLL/token and greedy samples before and after, a
-   loss-curve PNG, and saves the adapter (only the adapters, with the Adam
-   state and the step) with `jlora.save`, then restores it with
-   `jlora.restore` and checks the logits are identical.
+5. reports held-out Hamlet NLL/token and samples before and after (KV-cache
+   decoding with `llama.generate`: temperature and top-p sampling with a fixed
+   seed, `--greedy` for argmax; a sample ends at `<|im_end|>` or
+   `<|endoftext|>`, or after `--sample-tokens`), a loss-curve PNG, and saves
+   the adapter (only the adapters, with the Adam state and the step) with
+   `jlora.save`, then restores it with `jlora.restore` and checks the logits
+   are identical.
 
 Batches are a pure function of `(--seed, step)` (`recipes.data.Batches`).
 Outputs go to `--out` (default `runs/shakespeare`).
@@ -45,6 +48,7 @@ PROMPTS = (
     "Enter the King and Queene.\n\n  King. ",
     "  Rom. But soft, what light through yonder window breaks?\n  ",
 )
+STOP_IDS = (0, 2)  # <|endoftext|>, <|im_end|> (the end of each play in the training data)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,8 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eval-windows", type=int, default=16,
                  help="held-out Hamlet windows of --seq-len tokens scored (default 16)")
   p.add_argument("--sample-tokens", type=int, default=40,
-                 help="greedy tokens per sample (default 40; 0 = no samples)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the batch order and LoRA init")
+                 help="the most tokens per sample (default 40; 0 = no samples)")
+  p.add_argument("--temperature", type=float, default=1.0,
+                 help="sampling temperature (default 1.0)")
+  p.add_argument("--top-p", type=float, default=0.9,
+                 help="top-p (nucleus) of the samples (default 0.9; 1 = no cut)")
+  p.add_argument("--greedy", action="store_true",
+                 help="greedy samples (argmax) instead of temperature/top-p sampling")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the batch order, LoRA init and samples")
   p.add_argument("--merge", action="store_true",
                  help="run the model on jlora.merge(tree) instead of jlora.lora(model.apply)")
   p.add_argument("--remat", action="store_true", help="rematerialize each decoder block")
@@ -76,11 +87,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_forward(model, use_merge: bool):
-  """`forward(tree, tokens) -> logits` for a jlora tree (factored or merged)."""
+  """`forward(tree, tokens, *args, **kwargs)`: `model.apply` on a jlora tree, factored or merged.
+
+  Extra arguments go to `model.apply` (e.g. `attention_mask, cache=...`: it is also the
+  `forward` of `llama.generate`).
+  """
   if use_merge:
-    return lambda tree, toks: model.apply({"params": jlora.merge(tree)}, toks)
+    return lambda tree, toks, *a, **kw: model.apply({"params": jlora.merge(tree)}, toks, *a, **kw)
   factored = jlora.lora(model.apply)
-  return lambda tree, toks: factored({"params": tree}, toks)
+  return lambda tree, toks, *a, **kw: factored({"params": tree}, toks, *a, **kw)
 
 
 def save_adapter(path: Path, tree, opt_state=None, step: int | None = None) -> None:
@@ -94,12 +109,20 @@ def restore_adapter(path: Path, tree):
   return jlora.restore(path, tree).tree
 
 
-def samples(model, tree, tok, n_tokens: int) -> list[str]:
+def samples(model, tree, tok, n_tokens: int, *, forward=None, greedy: bool = False,
+            temperature: float = 1.0, top_p: float = 0.9, seed: int = 0) -> list[str]:
+  """A continuation of each of `PROMPTS`, ended by a `STOP_IDS` token or after `n_tokens`.
+
+  `forward`: the factored forward of `make_forward(model, False)` (made once: a new one
+  recompiles); None: the tree is merged once and run as plain parameters.
+  """
   if n_tokens <= 0:
     return []
-  params = jlora.merge(tree)
+  params = tree if forward is not None else jlora.merge(tree)
   ids = [tok.encode(p).ids for p in PROMPTS]
-  outs = llama.generate(model, params, ids, max_new_tokens=n_tokens, eos_id=None)
+  outs = llama.generate(model, params, ids, max_new_tokens=n_tokens, eos_id=STOP_IDS,
+                        forward=forward, temperature=0.0 if greedy else temperature,
+                        top_p=top_p, seed=seed)
   return [tok.decode(o) for o in outs]
 
 
@@ -161,7 +184,9 @@ def main(argv=None) -> dict:
   eval_fn = jax.jit(loss_fn)
   nll_before = float(eval_fn(tree, eval_batch))
   print(f"held-out Hamlet NLL/token before: {nll_before:.3f}")
-  samples_before = samples(model, tree, tok, args.sample_tokens)
+  sample_kw = dict(forward=None if args.merge else forward, greedy=args.greedy,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+  samples_before = samples(model, tree, tok, args.sample_tokens, **sample_kw)
   for p, s in zip(PROMPTS, samples_before):
     print(f"--- sample before ---\n{p}{s}")
 
@@ -190,7 +215,7 @@ def main(argv=None) -> dict:
 
   nll_after = float(eval_fn(tree, eval_batch))
   print(f"held-out Hamlet NLL/token after:  {nll_after:.3f}  (before {nll_before:.3f})")
-  samples_after = samples(model, tree, tok, args.sample_tokens)
+  samples_after = samples(model, tree, tok, args.sample_tokens, **sample_kw)
   for p, s in zip(PROMPTS, samples_after):
     print(f"--- sample after ---\n{p}{s}")
 

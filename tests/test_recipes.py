@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 
 import jlora
 from recipes import shakespeare, tweets
-from tests.helpers import rand, random_params
+from tests.helpers import rand, random_params, randomize_b
 
 
 def _fresh_copy(smollm2):
@@ -42,7 +43,44 @@ def test_shakespeare_lora_lowers_held_out_hamlet_nll(smollm2, tmp_path, monkeypa
 def test_shakespeare_flags():
   a = shakespeare.parse_args([])
   assert (a.rank, a.targets, a.merge, a.steps) == (8, None, False, 40)
+  assert (a.greedy, a.temperature, a.top_p) == (False, 1.0, 0.9)
   assert shakespeare.parse_args(["--merge", "--remat"]).remat
+  assert shakespeare.parse_args(["--greedy"]).greedy
+
+
+class _ByteTokenizer:
+  """Bytes as token ids (the tiny model's 256-token vocabulary)."""
+
+  def encode(self, text):
+    return types.SimpleNamespace(ids=list(text.encode("latin-1")))
+
+  def decode(self, ids):
+    return bytes(ids).decode("latin-1")
+
+
+def test_shakespeare_samples_factored_merged_seeded_greedy_and_stopped(monkeypatch):
+  from recipes.models import llama
+  model = llama.Llama(llama.LlamaConfig.tiny())
+  params = random_params(jax.eval_shape(model.init, jax.random.key(1),
+                                        jnp.zeros((1, 4), jnp.int32))["params"], seed=3)
+  tree = randomize_b(jlora.apply(params, rank=4, stacked=r"^layers/"), scale=0.3)
+  tok, n = _ByteTokenizer(), 8
+  monkeypatch.setattr(shakespeare, "STOP_IDS", ())
+  forward = shakespeare.make_forward(model, False)
+  sampled = shakespeare.samples(model, tree, tok, n, forward=forward, seed=5)
+  # The factored forward and the merged tree, the same seed: the same samples.
+  assert shakespeare.samples(model, tree, tok, n, seed=5) == sampled
+  assert shakespeare.samples(model, tree, tok, n, forward=forward, seed=6) != sampled
+  assert all(len(s) == n for s in sampled)
+  greedy = shakespeare.samples(model, tree, tok, n, forward=forward, greedy=True)
+  ids = [tok.encode(p).ids for p in shakespeare.PROMPTS]
+  want = llama.generate(model, jlora.merge(tree), ids, max_new_tokens=n, eos_id=None)
+  assert greedy == [tok.decode(w) for w in want] != sampled
+  # A sample ends at its first stop token (kept out of the text).
+  stop = want[0][3]
+  monkeypatch.setattr(shakespeare, "STOP_IDS", (stop,))
+  short = shakespeare.samples(model, tree, tok, n, forward=forward, greedy=True)
+  assert short[0] == tok.decode(want[0][:want[0].index(stop)])
 
 
 @pytest.mark.slow

@@ -46,6 +46,11 @@ model give the same tree.
 GGUF loading dequantizes every tensor (e.g. Q4_1, Q8_0) to float32 with the
 `gguf` package: a 4-bit file gives a model with 4-bit-rounded weights.
 
+Generation: `decode` (arrays in, a `Generation` out) and `generate` (token
+lists) prefill a `KVCache` and decode in one jitted `lax.while_loop`: greedy,
+temperature and top-p sampling (`sample`), per-row stop tokens, and any
+forward function (a jlora tree run factored through `jlora.lora`, or merged).
+
 Example (a tiny random model; the real ones come from `from_gguf`):
 
   >>> import jax, jax.numpy as jnp
@@ -67,7 +72,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -75,14 +80,19 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "Generation",
+    "KVCache",
     "Llama",
     "LlamaConfig",
     "chatml",
+    "decode",
     "from_gguf",
     "from_safetensors",
     "generate",
+    "init_cache",
     "lm_loss",
     "peft_key_map",
+    "sample",
     "smollm2_path",
     "to_hf_state_dict",
     "tokenizer_from_gguf",
@@ -191,7 +201,10 @@ class Attention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
+    """Without a cache: `out`. With one layer's `k_cache`/`v_cache` (B, S, Hkv, hd) and the
+    slot `index` where `x`'s tokens go: `(out, (k, v))`, `k`/`v` those tokens' own (B, T, Hkv,
+    hd); `mask` (B, T, S) is then over the cache's slots."""
     c = self.config
     b, t, _ = x.shape
     dense = functools.partial(nn.Dense, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype)
@@ -201,6 +214,11 @@ class Attention(nn.Module):
     q = _rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
     k = _rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    new = None
+    if k_cache is not None:
+      new = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+      k = jax.lax.dynamic_update_slice(k_cache, new[0], (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, new[1], (0, index, 0, 0))
     groups = c.num_heads // c.num_kv_heads
     # Query head h = kv * groups + g attends with key/value head kv (HF repeat_kv).
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
@@ -208,7 +226,8 @@ class Attention(nn.Module):
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
-    return dense(c.hidden_size, name="o_proj")(out)
+    out = dense(c.hidden_size, name="o_proj")(out)
+    return out if new is None else (out, new)
 
 
 class MLP(nn.Module):
@@ -231,28 +250,96 @@ class DecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, index=None):
     c = self.config
     norm = functools.partial(nn.RMSNorm, epsilon=c.rms_norm_eps, dtype=c.dtype,
                              param_dtype=c.param_dtype)
-    h = x + Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask)
+    attn = Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask,
+                                          k_cache, v_cache, index)
+    attn, new_kv = attn if k_cache is not None else (attn, None)
+    h = x + attn
     h = h + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(h))
-    return h, None
+    return h, new_kv
+
+
+class KVCache(NamedTuple):
+  """The keys and values of the tokens run so far, for `Llama(...)(tokens, cache=...)`.
+
+  `S` slots per row, shared by every row: a call with `T` tokens writes slots
+  `index .. index + T - 1` of every row (so rows of different lengths are
+  padded, and `mask` says which slots hold a real token). Make one with
+  `init_cache`.
+
+  Attributes:
+    k: `(L, B, S, Hkv, hd)` rotated keys, in the computation dtype.
+    v: `(L, B, S, Hkv, hd)` values.
+    mask: `(B, S)` bool, True at the slots holding a real token.
+    index: `()` int32, the next slot written.
+    pos: `(B,)` int32, each row's next position (its real tokens so far).
+  """
+
+  k: Any
+  v: Any
+  mask: Any
+  index: Any
+  pos: Any
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int) -> KVCache:
+  """An empty `KVCache` of `length` slots for `batch` rows.
+
+  Size it for the prompt and every token to come: writes past the last slot
+  are clamped by `lax.dynamic_update_slice` (wrong results, no error).
+  `decode` sizes its own.
+
+  Example:
+    >>> c = init_cache(LlamaConfig.tiny(), batch=2, length=16)
+    >>> c.k.shape, c.mask.shape, int(c.index)
+    ((2, 2, 16, 2, 16), (2, 16), 0)
+  """
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  return KVCache(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
+                 mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32),
+                 pos=jnp.zeros((batch,), jnp.int32))
 
 
 class Llama(nn.Module):
   """A Llama-family causal LM; returns float32 logits `(B, T, V)`.
 
-  Call with `tokens` (B, T) int32. For left-padded batches pass
-  `attention_mask` (B, T) with 1 on real tokens; positions then count real
-  tokens only. `return_hidden=True` returns the final normed hidden states
-  instead of logits.
+  Call with `tokens` (B, T) int32. For padded batches pass `attention_mask`
+  (B, T) with 1 on real tokens; positions then count real tokens only.
+  `return_hidden=True` returns the final normed hidden states instead of
+  logits. With `cache=` (a `KVCache`, see `init_cache`) the tokens continue
+  the cached ones (their positions follow each row's, they attend to the
+  cache's real tokens and to each other causally) and the call returns
+  `(logits, cache)`, the cache with them added; `decode` runs that loop.
   """
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens, attention_mask=None, *, return_hidden: bool = False):
+  def __call__(self, tokens, attention_mask=None, *, return_hidden: bool = False,
+               cache: KVCache | None = None):
+    c = self.config
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                     embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+    if cache is None:
+      x, new_cache = self._layers(embed, tokens, attention_mask), None
+    else:
+      x, new_cache = self._cached_layers(embed, tokens, attention_mask, cache)
+    x = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                   name="norm")(x)
+    if return_hidden:
+      out = x
+    elif c.tie_word_embeddings:
+      out = embed.attend(x).astype(jnp.float32)
+    else:
+      out = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+                     name="lm_head")(x).astype(jnp.float32)
+    return out if cache is None else (out, new_cache)
+
+  def _layers(self, embed, tokens, attention_mask):
+    """The decoder blocks over a whole sequence (training and scoring)."""
     c = self.config
     b, t = tokens.shape
     causal = jnp.tril(jnp.ones((t, t), bool))[None]
@@ -265,23 +352,36 @@ class Llama(nn.Module):
       # Every query also sees itself, so rows of padding never get all -inf.
       mask = (causal & am[:, None, :]) | jnp.eye(t, dtype=bool)[None]
     cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, c.dtype)
-    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                     embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
     x = embed(tokens)
     block = nn.remat(DecoderLayer, prevent_cse=False) if c.remat else DecoderLayer
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)
     x, _ = stack(c, name="layers")(x, cos, sin, mask)
-    x = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
-                   name="norm")(x)
-    if return_hidden:
-      return x
-    if c.tie_word_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                        name="lm_head")(x)
-    return logits.astype(jnp.float32)
+    return x
+
+  def _cached_layers(self, embed, tokens, attention_mask, cache):
+    """The decoder blocks over tokens that follow the cached ones: `(x, cache)`."""
+    c = self.config
+    b, t = tokens.shape
+    s = cache.mask.shape[1]
+    am = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    positions = cache.pos[:, None] + jnp.maximum(jnp.cumsum(am, axis=-1) - 1, 0)
+    kv_mask = jax.lax.dynamic_update_slice(cache.mask, am, (0, cache.index))
+    slot = jnp.arange(s)[None, None, :]
+    query_slot = (cache.index + jnp.arange(t))[None, :, None]
+    # Causal over slots, real keys only; every query also sees itself (padding never all -inf).
+    mask = (kv_mask[:, None, :] & (slot <= query_slot)) | (slot == query_slot)
+    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, c.dtype)
+    x = embed(tokens)
+    stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+                    length=c.num_layers)
+    x, (k_new, v_new) = stack(c, name="layers")(x, cos, sin, mask, cache.k, cache.v, cache.index)
+    at = (0, 0, cache.index, 0, 0)
+    new = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_new, at),
+                  v=jax.lax.dynamic_update_slice(cache.v, v_new, at), mask=kv_mask,
+                  index=cache.index + t, pos=cache.pos + am.sum(-1, dtype=jnp.int32))
+    return x, new
 
 
 def lm_loss(logits, tokens, mask=None):
@@ -309,35 +409,249 @@ def lm_loss(logits, tokens, mask=None):
 # ----------------------------------------------------------------------------- generation
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _next_tokens(model, params, buf, attn, pos):
-  hidden = model.apply({"params": params}, buf, attn, return_hidden=True)
-  h = jnp.take_along_axis(hidden, (pos - 1)[:, None, None], axis=1)  # (B, 1, D)
-  if model.config.tie_word_embeddings:
-    w = params["embed_tokens"]["embedding"].T
-  else:
-    w = params["lm_head"]["kernel"]
-  return jnp.argmax(jnp.einsum("bsd,dv->bsv", h, w.astype(h.dtype))[:, 0], axis=-1)
+def _nucleus(logits, top_p):
+  """`logits` with every token outside the top-p nucleus set to -inf.
+
+  The nucleus is the smallest set of most probable tokens whose probability
+  reaches `top_p`: a token is kept when the tokens more probable than it sum
+  to less than `top_p` (so the most probable one always is). Tokens tied with
+  the least probable kept one are kept too.
+  """
+  ordered = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+  probs = jax.nn.softmax(ordered, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
-def generate(model: Llama, params: Any, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int = 32, eos_id: int | None = 2, pad_id: int = 0,
-             bucket: int = 32) -> list[list[int]]:
-  """Greedy decoding of a batch of token-id prompts (plain parameter arrays).
+def sample(logits, key, *, temperature=1.0, top_p=1.0):
+  """Draws one token per row of `logits` (..., V): greedy, temperature, top-p.
 
-  The prompts are left-padded into one fixed-size buffer rounded up to a
-  multiple of `bucket`, so the jitted step compiles once per buffer size; each
-  step reruns the decoder over the buffer (no KV cache: simple, and fast enough
-  for short samples on a CPU). For a LoRA tree pass `jlora.merge(lora_params)`.
+  The logits are divided by `temperature`, cut to the top-p nucleus (the
+  smallest set of most probable tokens with probability >= `top_p`, under the
+  tempered distribution), and a token is drawn from what is left.
+  `temperature=0` is greedy (argmax). Both may be traced values: changing them
+  does not recompile.
+
+  Args:
+    logits: `(..., V)` float logits.
+    key: a `jax.random` key (one draw per row from it).
+    temperature: >= 0; 0 is greedy.
+    top_p: in (0, 1]; 1 keeps every token.
+
+  Returns:
+    `(...)` int32 token ids.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+    >>> sample(logits, jax.random.key(0), temperature=0.0).tolist()
+    [0]
+    >>> draws = sample(jnp.repeat(logits, 1000, 0), jax.random.key(1), top_p=0.6)
+    >>> sorted(set(draws.tolist()))  # 0.5 < 0.6 <= 0.5 + 0.3: tokens 0 and 1
+    [0, 1]
+  """
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw(logits):
+    z = logits / jnp.maximum(temperature, 1e-30)
+    z = jax.lax.cond(top_p < 1.0, _nucleus, lambda z, _: z, z, top_p)
+    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, draw, lambda _: greedy, logits)
+
+
+class Generation(NamedTuple):
+  """What `decode` returns.
+
+  Attributes:
+    tokens: `(B, N)` int32 generated ids; row `b`'s are `tokens[b, :lengths[b]]`
+      (ending with the stop token when it stopped at one), then `pad_id`.
+    lengths: `(B,)` int32 tokens generated per row, its stop token included.
+    logits: `(B, N, V)` float32, the model's logits each token was drawn from
+      (before temperature; valid up to `lengths`), or None unless
+      `return_logits=True`.
+  """
+
+  tokens: Any
+  lengths: Any
+  logits: Any = None
+
+
+def _model_forward(model, params, tokens, attention_mask, cache):
+  return model.apply({"params": params}, tokens, attention_mask, cache=cache)
+
+
+def _row_keys(key, batch):
+  """One key per row: `key` itself if it holds `batch` keys, else `batch` keys folded from it."""
+  if key is None:
+    key = jax.random.key(0)
+  elif not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
+  if key.shape == (batch,):
+    return key
+  if key.shape:
+    raise ValueError(f"decode: key has shape {key.shape}; give one key, or one key per row "
+                     f"(shape ({batch},), e.g. jax.random.split(key, {batch})).")
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def _stop_array(stop_ids):
+  """The stop ids as an int32 array padded with -1 (never a token) to a multiple of 8 entries,
+  so that a few more or fewer stop ids do not recompile."""
+  ids = np.asarray(stop_ids, np.int32).reshape(-1)
+  width = 8 * max(1, -(-len(ids) // 8))
+  return jnp.asarray(np.pad(ids, (0, width - len(ids)), constant_values=-1))
+
+
+def _check_sampling(fn, max_new_tokens, temperature, top_p):
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"{fn}: max_new_tokens={max_new_tokens!r}; give an int >= 1.")
+  if isinstance(temperature, (int, float)) and temperature < 0:
+    raise ValueError(f"{fn}: temperature={temperature!r} is negative; use 0 for greedy "
+                     f"decoding, or a positive value to sample.")
+  if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
+    raise ValueError(f"{fn}: top_p={top_p!r} is outside (0, 1]; 1 keeps every token "
+                     f"(no nucleus cut), e.g. 0.9 keeps the most probable 90%.")
+
+
+def decode(model: Llama, params: Any, tokens, attention_mask=None, *, max_new_tokens: int,
+           forward: Callable | None = None, key=None, temperature=0.0, top_p=1.0,
+           stop_ids: Sequence[int] = (), pad_id: int = 0,
+           return_logits: bool = False) -> Generation:
+  """Generates up to `max_new_tokens` after each row of a padded prompt batch.
+
+  One jitted program: a prefill of the prompts into a `KVCache`, then one
+  token per step in a `lax.while_loop` (it ends when every row has stopped).
+  It compiles once per batch shape, `max_new_tokens`, `forward` and
+  `return_logits`; the prompts, `params`, `key`, `temperature`, `top_p` and
+  the stop ids are data. Rows are independent: a row gives what its prompt
+  alone gives (with one key per row, its samples too).
 
   Args:
     model: the `Llama` module.
-    params: its parameters (the `"params"` collection, plain arrays).
+    params: any tree `forward` takes (plain parameters by default).
+    tokens: `(B, P)` int prompt ids, padded on either side.
+    attention_mask: `(B, P)`, 1 on real tokens (None: all real); every row
+      needs at least one.
+    max_new_tokens: `N` >= 1, the most tokens generated per row.
+    forward: called as `forward(params, tokens, attention_mask, cache=cache)`,
+      returns `(logits, cache)`; default `model.apply({"params": params},
+      tokens, attention_mask, cache=cache)`. For a jlora tree run factored::
+
+        f = jlora.lora(model.apply)
+        forward = lambda t, *args, **kw: f({"params": t}, *args, **kw)
+
+      (or pass `jlora.merge(tree)` as `params`, merged once). Data that rides
+      with each row (e.g. an adapter index) can travel in `params`, as in
+      `params=(tree, index)`. Pass the same function object each time (it is
+      a static argument of the jitted program).
+    key: a `jax.random` key (rows use keys folded from it), or `B` keys (one
+      per row); None: `jax.random.key(0)`. Unused when greedy.
+    temperature: 0 (default) is greedy; > 0 samples (see `sample`).
+    top_p: the nucleus kept when sampling; 1 keeps every token.
+    stop_ids: token ids that end a row (its first one is kept in the output);
+      up to 8 of them share a compiled program.
+    pad_id: written after a row's last token.
+    return_logits: also return each step's logits (`(B, N, V)` float32).
+
+  Returns:
+    A `Generation(tokens, lengths, logits)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> cfg = LlamaConfig.tiny()
+    >>> model = Llama(cfg)
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> prompts = jnp.array([[0, 0, 5, 9], [3, 4, 5, 6]])  # row 0 left-padded
+    >>> out = decode(model, params, prompts, prompts > 0, max_new_tokens=5,
+    ...              key=jax.random.key(1), temperature=0.8, top_p=0.9)
+    >>> out.tokens.shape, out.lengths.tolist()
+    ((2, 5), [5, 5])
+  """
+  _check_sampling("decode", max_new_tokens, temperature, top_p)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  b = tokens.shape[0]
+  mask = (jnp.ones(tokens.shape, bool) if attention_mask is None
+          else jnp.asarray(attention_mask).astype(bool))
+  return _decode(model, forward, max_new_tokens, return_logits, params, tokens, mask,
+                 _row_keys(key, b), jnp.asarray(temperature, jnp.float32),
+                 jnp.asarray(top_p, jnp.float32), _stop_array(stop_ids),
+                 jnp.asarray(pad_id, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _decode(model, forward, n, return_logits, params, tokens, mask, keys, temperature, top_p,
+            stop_ids, pad_id):
+  if forward is None:
+    forward = functools.partial(_model_forward, model)
+  b, p = tokens.shape
+  cache = init_cache(model.config, b, p + n - 1)
+  logits, cache = forward(params, tokens, mask, cache=cache)
+  last = jnp.argmax(jnp.where(mask, jnp.arange(p), -1), axis=-1)  # each row's last real token
+  logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+  def pick(step, logits, done):
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    tok = jax.vmap(lambda k, x: sample(x, k, temperature=temperature, top_p=top_p))(
+        step_keys, logits)
+    tok = jnp.where(done, pad_id, tok)
+    stopped = done | (tok[:, None] == stop_ids[None, :]).any(-1)
+    return tok, stopped
+
+  out = jnp.full((b, n), pad_id, jnp.int32)
+  all_logits = jnp.zeros((b, n, logits.shape[-1]), jnp.float32) if return_logits else None
+  done = jnp.zeros((b,), bool)
+  tok, stopped = pick(0, logits, done)
+  state = (jnp.int32(1), cache, tok, stopped, out.at[:, 0].set(tok), (~done).astype(jnp.int32),
+           None if all_logits is None else all_logits.at[:, 0].set(logits))
+
+  def cond(state):
+    step, _, _, done, *_ = state
+    return (step < n) & ~done.all()
+
+  def body(state):
+    step, cache, tok, done, out, lengths, all_logits = state
+    logits, cache = forward(params, tok[:, None], jnp.ones((b, 1), bool), cache=cache)
+    logits = logits[:, 0]
+    tok, stopped = pick(step, logits, done)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+    lengths = lengths + (~done)
+    if all_logits is not None:
+      all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, step, 0))
+    return step + 1, cache, tok, stopped, out, lengths, all_logits
+
+  _, _, _, _, out, lengths, all_logits = jax.lax.while_loop(cond, body, state)
+  return Generation(out, lengths, all_logits)
+
+
+def generate(model: Llama, params: Any, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int = 32, eos_id: int | Sequence[int] | None = 2,
+             pad_id: int = 0, bucket: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, forward: Callable | None = None) -> list[list[int]]:
+  """Generates a continuation of each token-id prompt (a list-in, list-out `decode`).
+
+  The prompts are left-padded to the longest, rounded up to a multiple of
+  `bucket`, so prompt batches of one size share a compiled program; decoding
+  runs with a KV cache (see `decode`). Greedy by default. For a LoRA tree pass
+  `jlora.merge(lora_params)`, or the tree with a factored `forward` (see
+  `decode`).
+
+  Args:
+    model: the `Llama` module.
+    params: its parameters (the `"params"` collection), or any tree `forward`
+      takes.
     prompts: token-id lists (at least one token each).
     max_new_tokens: the most tokens generated per prompt.
-    eos_id: stop a row at this token (kept out of the output); None: never.
+    eos_id: a token id, or several, that stop a row (kept out of the output);
+      None: never.
     pad_id: the id written into padding (masked out, never attended).
-    bucket: buffer sizes are rounded up to a multiple of this.
+    bucket: prompt lengths are rounded up to a multiple of this.
+    temperature: 0 is greedy; > 0 samples (see `sample`).
+    top_p: the nucleus kept when sampling; 1 keeps every token.
+    seed: the seed of the samples (`jax.random.key(seed)`).
+    forward: see `decode`.
 
   Returns:
     The generated ids per prompt (without the prompt).
@@ -345,32 +659,19 @@ def generate(model: Llama, params: Any, prompts: Sequence[Sequence[int]], *,
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate: give at least one prompt, each with at least one token "
                      "(e.g. the ChatML prompt from chatml(...) encoded by the tokenizer).")
-  n = len(prompts)
-  longest = max(len(p) for p in prompts)
-  size = -(-(longest + max_new_tokens) // bucket) * bucket
-  buf = np.full((n, size), pad_id, np.int32)
-  attn = np.zeros((n, size), np.int32)
-  for i, p in enumerate(prompts):  # left-pad to the longest prompt, free room on the right
-    buf[i, longest - len(p):longest] = p
-    attn[i, longest - len(p):longest] = 1
-  out = [[] for _ in range(n)]
-  done = np.zeros(n, bool)
-  for step in range(max_new_tokens):
-    pos = np.full((n,), longest + step, np.int32)
-    nxt = np.asarray(_next_tokens(model, params, jnp.asarray(buf), jnp.asarray(attn),
-                                  jnp.asarray(pos)))
-    for i in range(n):
-      if done[i]:
-        continue
-      if eos_id is not None and int(nxt[i]) == eos_id:
-        done[i] = True
-        continue
-      out[i].append(int(nxt[i]))
-    if done.all():
-      break
-    buf[:, longest + step] = nxt
-    attn[:, longest + step] = 1
-  return out
+  _check_sampling("generate", max_new_tokens, temperature, top_p)
+  stops = [] if eos_id is None else [int(i) for i in np.ravel(eos_id)]
+  size = -(-max(len(p) for p in prompts) // bucket) * bucket
+  buf = np.full((len(prompts), size), pad_id, np.int32)
+  attn = np.zeros((len(prompts), size), np.int32)
+  for i, p in enumerate(prompts):
+    buf[i, size - len(p):], attn[i, size - len(p):] = p, 1
+  out = decode(model, params, buf, attn, max_new_tokens=max_new_tokens, forward=forward,
+               key=jax.random.key(seed), temperature=temperature, top_p=top_p, stop_ids=stops,
+               pad_id=pad_id)
+  toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  rows = [toks[i, :n].tolist() for i, n in enumerate(lengths)]
+  return [r[:-1] if r and r[-1] in stops else r for r in rows]
 
 
 def chatml(user: str, system: str | None = "You are a helpful AI assistant named SmolLM, "
