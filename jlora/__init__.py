@@ -17,7 +17,8 @@ explicitly).
 from jlora import hf, sharding
 from jlora._src.apply import apply, quantize
 from jlora._src.checkpoint import CheckpointManager, Restored, read_metadata, restore, save
-from jlora._src.leaf import LoRA, Trainable, is_lora
+from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_lora
+from jlora._src.multi import select, stack, unstack
 from jlora._src.optim import TrainStep, optimizer, train_step
 from jlora._src.qarray import Quantized
 from jlora._src.transform import MaterializeWarning, lora
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointManager",
     "Count",
     "LoRA",
+    "LoRAStack",
     "MaterializeWarning",
     "Quantized",
     "Restored",
@@ -47,8 +49,11 @@ __all__ = [
     "read_metadata",
     "restore",
     "save",
+    "select",
     "sharding",
     "split",
+    "stack",
     "summary",
     "train_step",
+    "unstack",
 ]

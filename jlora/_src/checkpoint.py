@@ -58,7 +58,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora._src import paths as P
-from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_node
 from jlora._src.qarray import Quantized
 from jlora._src.version import VERSION
 
@@ -142,6 +142,10 @@ def _entries(tree: Any, fn: str = "save"
           f"same '/'-separated path). Rename one of them so every leaf has its own path.")
     seen.add(ps)
     keys = _components(path)
+    if isinstance(x, LoRAStack):
+      raise ValueError(
+          f"jlora.{fn}: the leaf at {ps!r} is a jlora.LoRAStack (several adapters); a "
+          f"checkpoint holds one adapter. Save each: jlora.{fn}(..., jlora.unstack(tree, i)).")
     if isinstance(x, LoRA):
       if x.a is None or x.b is None:
         raise ValueError(

@@ -132,13 +132,80 @@ class Trainable:
 jax.tree_util.register_dataclass(Trainable)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRAStack:
+  """Several adapters of one frozen weight, stacked, each example of a batch using its own.
+
+  Made by `jlora.stack` from trees adapted alike (same targets and layout); ranks
+  are padded with zeros to the largest. With `stack` leading stack axes (shared
+  with `w`) and `n` adapters::
+
+      a.shape == stack_shape + (n,) + a_dims + (rank,)
+      b.shape == stack_shape + (n, rank) + b_dims
+      w_effective[example e] = w + scale[ids[e]] * a[ids[e]] @ b[ids[e]]
+
+  `alphas` and `ranks` (one per adapter) are arrays, so replacing an adapter by
+  another of any rank up to the padded one, or changing `ids`, recompiles
+  nothing. `ids` (one adapter index per example, -1 for none) is set by
+  `jlora.select`; examples lead the activations (a batch axis first, or the
+  rows of a reshaped `(batch * tokens, ...)` array, example by example).
+  """
+
+  w: Any
+  a: Any
+  b: Any
+  alphas: Any
+  ranks: Any
+  ids: Any = None
+  a_axes: tuple[int, ...] = dataclasses.field(default=(0,), metadata=dict(static=True))
+  stack: int = dataclasses.field(default=0, metadata=dict(static=True))
+  rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+  @property
+  def n_adapters(self) -> int:
+    return int(_shape(self.a if self.a is not None else self.alphas)[self.stack if self.a
+                                                                     is not None else 0])
+
+  @property
+  def rank(self) -> int:
+    """The padded rank (the largest of the adapters')."""
+    return int(_shape(self.a)[-1]) if self.a is not None else int(_shape(self.b)[self.stack + 1])
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.w.shape)
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  def scales(self) -> jax.Array:
+    """Each adapter's scale, alpha/rank (alpha/sqrt(rank) with rslora), as float32."""
+    r = jnp.maximum(jnp.asarray(self.ranks, jnp.float32), 1.0)
+    return jnp.asarray(self.alphas, jnp.float32) / (jnp.sqrt(r) if self.rslora else r)
+
+  def __repr__(self) -> str:
+    return (f"LoRAStack(w={_desc(self.w)}, a={_desc(self.a)}, b={_desc(self.b)}, "
+            f"ids={_desc(self.ids)}, a_axes={self.a_axes}, stack={self.stack})")
+
+  def __jax_array__(self):
+    raise _used_as_array("LoRAStack", f"weight {_desc(self.w)}")
+
+  def __array__(self, dtype=None, copy=None):
+    raise _used_as_array("LoRAStack", f"weight {_desc(self.w)}")
+
+
+jax.tree_util.register_dataclass(LoRAStack)
+
+
 def is_lora(x: Any) -> bool:
   return isinstance(x, LoRA)
 
 
 def is_node(x: Any) -> bool:
-  """True for jlora's own nodes (`LoRA`, `Trainable`, `Quantized`): use as `is_leaf`."""
-  return isinstance(x, (LoRA, Trainable, Quantized))
+  """True for jlora's own nodes (`LoRA`, `LoRAStack`, `Trainable`, `Quantized`): use as
+  `is_leaf`."""
+  return isinstance(x, (LoRA, LoRAStack, Trainable, Quantized))
 
 
 def _shape(x) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._src import paths as P
-from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_node
 from jlora._src.qarray import Quantized
 from jlora._src.specs import tree_shardings
 from jlora._src.tree import combine, split
@@ -34,6 +34,11 @@ def labels(tree: Any) -> Any:
   def lab(x):
     if isinstance(x, Quantized):
       return frozen(x)
+    if isinstance(x, LoRAStack):
+      f = lambda v: None if v is None else FREEZE
+      return dataclasses.replace(x, w=frozen(x.w), a=None if x.a is None else TRAIN,
+                                 b=None if x.b is None else TRAIN, alphas=f(x.alphas),
+                                 ranks=f(x.ranks), ids=f(x.ids))
     if isinstance(x, LoRA):
       return dataclasses.replace(x, w=frozen(x.w),
                                  a=None if x.a is None else TRAIN,
@@ -52,7 +57,7 @@ def _trainable_values(tree):
   """`(path, value)` of every trainable value: each `LoRA`'s `a` and `b`, each `Trainable`'s."""
   for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
     ps = P.path_str(path)
-    if isinstance(x, LoRA):
+    if isinstance(x, (LoRA, LoRAStack)):
       for name in ("a", "b"):
         v = getattr(x, name)
         if v is not None:
@@ -75,7 +80,7 @@ def check_trainable_dtypes(tree: Any, who: str) -> None:
 def require_trainable(tree: Any, who: str) -> None:
   """Raises unless `tree` holds a `LoRA` or `Trainable` leaf, all of them of float dtypes;
   `who` names the caller."""
-  if not any(isinstance(x, (LoRA, Trainable))
+  if not any(isinstance(x, (LoRA, LoRAStack, Trainable))
              for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node)):
     raise ValueError(
         f"{who}: the tree holds no jlora.LoRA or jlora.Trainable leaf, so there is nothing to "

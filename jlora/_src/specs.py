@@ -13,7 +13,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._src import boxes, compat, paths as P
-from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_node
 from jlora._src.qarray import Quantized
 
 ADAPTERS = ("derived", "replicated")
@@ -226,6 +226,19 @@ class _Walker:
       return out  # a Linen box is dropped (as nn.get_partition_spec does)
     if isinstance(x, (PartitionSpec, jax.sharding.Sharding)):
       return x
+    if isinstance(x, LoRAStack):  # the adapters as one adapter's, unsharded along the stack
+      w_spec = self.array_spec(ps, x.w) if x.w is not None else None
+      a_spec, b_spec = (PartitionSpec(), PartitionSpec()) if x.a is None or x.w is None else (
+          adapter_specs(tuple(w_spec), x.a_axes, x.stack, len(x.shape)))
+      ins = lambda sp, n: _trim(PartitionSpec(*(lambda t: t[:x.stack] + (None,) + t[x.stack:])(
+          _pad(sp, n - 1))))
+      if isinstance(x.w, Quantized):
+        w_spec = quantized_specs(tuple(w_spec), x.w)
+      rep = lambda v: None if v is None else PartitionSpec()
+      return dataclasses.replace(
+          x, w=w_spec, a=None if x.a is None else ins(a_spec, x.a.ndim),
+          b=None if x.b is None else ins(b_spec, x.b.ndim), alphas=rep(x.alphas),
+          ranks=rep(x.ranks), ids=rep(x.ids))
     if isinstance(x, Quantized):
       out = quantized_specs(tuple(self.array_spec(ps, x)), x)
       self._record(ps, x, out)

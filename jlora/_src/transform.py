@@ -70,7 +70,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jlora._src import compat, paths as P
-from jlora._src.leaf import LoRA, Trainable, is_node, lora_delta
+from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_node, lora_delta
 from jlora._src.qarray import Quantized
 
 
@@ -121,6 +121,36 @@ class _QV:
 jax.tree_util.register_dataclass(_QV)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SV:
+  """A stack of adapters (`jlora.LoRAStack`) inside the interpreter."""
+
+  w: Any
+  a: Any
+  b: Any
+  scales: Any  # (n,) float32: each adapter's alpha/rank
+  ids: Any  # (examples,) int32, or None before jlora.select
+  a_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  stack: int = dataclasses.field(metadata=dict(static=True))
+  path: str = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def b_axes(self):
+    n = self.w.ndim - self.stack
+    return tuple(i for i in range(n) if i not in self.a_axes)
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(_SV)
+
+# The rules that take a stack of adapters (any other use of one raises).
+_S_RULES = {"dot_general", "convert_element_type", "copy", "copy_p", "sharding_constraint",
+            "pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint", "remat", "cond",
+            "scan", "while"}
+
+
 def _is_q(x) -> bool:
   return isinstance(x, Quantized)
 
@@ -145,9 +175,15 @@ class _Ctx:
       self._platform = platform_of(self._values)
     return self._platform
 
-  def materialize(self, lv: _LV | _QV, op: str) -> jax.Array:
+  def materialize(self, lv: _LV | _QV | _SV, op: str) -> jax.Array:
     if isinstance(lv, _QV):
       return self.dequantize(lv, op)
+    if isinstance(lv, _SV):
+      raise ValueError(
+          f"jlora.lora: the stack of adapters at {lv.path!r} reaches `{op}`, which cannot run "
+          f"per example (a stack has one weight per adapter). Use it through a matmul "
+          f"(dot_general/einsum) on activations whose leading axis is the batch, or run one "
+          f"adapter alone: jlora.unstack(tree, i).")
     if self.strict:
       raise ValueError(
           f"jlora.lora(strict=True): the LoRA weight at {lv.path!r} reaches `{op}`, which "
@@ -194,13 +230,13 @@ def _is_qv(x) -> bool:
 
 
 def _special(x) -> bool:
-  """A value the rules handle: a LoRA weight or a quantized weight."""
-  return isinstance(x, (_LV, _QV))
+  """A value the rules handle: a LoRA weight, a stack of them or a quantized weight."""
+  return isinstance(x, (_LV, _QV, _SV))
 
 
 def _has_q(x) -> bool:
   """A quantized weight, alone or under an adapter."""
-  return isinstance(x, _QV) or (isinstance(x, _LV) and _is_q(x.w))
+  return isinstance(x, _QV) or (isinstance(x, (_LV, _SV)) and _is_q(x.w))
 
 
 # The name of every adapter activation `x·a` (rank-wide), for remat policies.
@@ -289,6 +325,15 @@ def lora(fn: Callable[..., Any], *, strict: bool = False, fold: str = "auto"
       if isinstance(x, Quantized):
         dyn_pos.append(i), dyn_vals.append(_QV(x, _arg_path(path)))
         trace_vals.append(jax.ShapeDtypeStruct(x.shape, x.dtype)), where.append(x.codes)
+      elif isinstance(x, LoRAStack):
+        if x.w is None or x.a is None or x.b is None:
+          raise ValueError(
+              f"jlora.lora: the LoRAStack leaf at {_arg_path(path)!r} has a missing field: it "
+              f"is one half of jlora.split. Pass jlora.combine(trainable, frozen).")
+        sv = _SV(x.w, x.a, x.b, x.scales(), x.ids, x.a_axes, x.stack, _arg_path(path))
+        w = jax.ShapeDtypeStruct(x.w.shape, x.w.dtype) if _is_q(x.w) else x.w
+        dyn_pos.append(i), dyn_vals.append(sv), trace_vals.append(w)
+        where.append(x.w.codes if _is_q(x.w) else x.w)
       elif isinstance(x, LoRA):
         if x.w is None or x.a is None or x.b is None:
           raise ValueError(
@@ -354,6 +399,9 @@ def _eval(ctx: _Ctx, jaxpr, consts, args) -> list:
       rule = _RULES.get(eqn.primitive.name)
       if rule is not None and eqn.primitive.name not in _Q_RULES and any(map(_has_q, invals)):
         rule = None  # a rule for LoRA weights that has no form for quantized ones
+      if rule is not None and eqn.primitive.name not in _S_RULES and any(
+          isinstance(x, _SV) for x in invals):
+        rule = None
       outvals = rule(ctx, eqn, invals) if rule is not None else None
       if outvals is None:  # no factored form: materialize the LoRA operands for this use
         invals = [ctx.materialize(x, eqn.primitive.name) if _special(x) else x for x in invals]
@@ -407,6 +455,9 @@ def _dot_general(ctx, eqn, invals):
   lhs, rhs = invals
   if _special(lhs) and _special(rhs):
     rhs = ctx.materialize(rhs, "dot_general of two LoRA or quantized weights")
+  if isinstance(lhs, _SV) or isinstance(rhs, _SV):
+    sv_is_lhs = isinstance(lhs, _SV)
+    return _stack_dot(ctx, eqn, *((lhs, rhs) if sv_is_lhs else (rhs, lhs)), sv_is_lhs)
   if _is_qv(lhs) or _is_qv(rhs):
     q_is_lhs = _is_qv(lhs)
     qv, x = (lhs, rhs) if q_is_lhs else (rhs, lhs)
@@ -506,6 +557,74 @@ def _qdot(eqn, q: Quantized, x, q_is_lhs: bool):
   return qdot(x, q)
 
 
+def _stack_dot(ctx, eqn, sv: _SV, x, sv_is_lhs: bool):
+  """`x·W + s[e]·(x·A[e])·B[e]` with each example `e` of `x` through its own adapter.
+
+  The examples lead `x` (its first axis is `len(ids)` examples, or `len(ids)`
+  groups of rows, example by example, as a reshaped `(batch * tokens, ...)`
+  array is): the adapters of each example are gathered (`ids` picks them) and
+  both products run batched over the examples, in the skinny order, as for one
+  adapter. Gradients reach each adapter from its own examples only.
+  """
+  if sv.ids is None:
+    raise ValueError(
+        f"jlora.lora: the stack of adapters at {sv.path!r} has no example ids. Route the batch "
+        f"first: jlora.lora(fn)(jlora.select(tree, ids), ...), ids one adapter index per "
+        f"example (-1: none).")
+  params = dict(eqn.params)
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  wc, xc = (lc, rc) if sv_is_lhs else (rc, lc)
+  wb, xb = (lb, rb) if sv_is_lhs else (rb, lb)
+  n_ex = sv.ids.shape[0]
+  if sv.stack or wb or xb or 0 in xc or x.ndim == 0 or x.shape[0] % n_ex:
+    what = ("its stack axes (slice them with lax.scan)" if sv.stack else
+            f"an activation of shape {tuple(x.shape)} whose first axis is not {n_ex} examples "
+            f"(or groups of rows of them)")
+    raise ValueError(
+        f"jlora.lora: the stack of adapters at {sv.path!r} meets {what} in `dot_general`; "
+        f"each example must lead the activations (batch first, or rows of (batch * tokens, "
+        f"...), example by example). Keep the batch axis first, or run one adapter alone "
+        f"with jlora.unstack(tree, i).")
+  letters = iter(_LETTERS)
+  x_lab = [next(letters) for _ in range(x.ndim)]
+  w_lab = [None] * sv.w.ndim
+  for i, j in zip(wc, xc):
+    w_lab[i] = x_lab[j]
+  w_lab = [l if l is not None else next(letters) for l in w_lab]
+  e, f = next(letters), next(letters)
+  x_free = [x_lab[j] for j in range(x.ndim) if j not in xc]
+  w_free = [w_lab[i] for i in range(sv.w.ndim) if i not in wc]
+  out = w_free + x_free if sv_is_lhs else x_free + w_free
+  ex = lambda labels: [l for k in labels for l in ((e, f) if k == x_lab[0] else (k,))]
+  x2, x2_lab, out2 = x.reshape((n_ex, x.shape[0] // n_ex) + x.shape[1:]), ex(x_lab), ex(out)
+  a_lab = [e] + [w_lab[i] for i in sv.a_axes] + ["r"]
+  b_lab = [e, "r"] + [w_lab[i] for i in sv.b_axes]
+  t_lab = _pair_labels(x2_lab, a_lab, b_lab, out2)
+  u_lab = _pair_labels(x2_lab, b_lab, a_lab, out2)
+  dims = dict(zip(x2_lab, x2.shape)) | dict(zip(w_lab, sv.w.shape)) | {"r": sv.a.shape[-1]}
+  size = lambda labels: math.prod(dims[l] for l in labels)
+  xa_first = size(t_lab) <= size(u_lab)
+  cdt = sv.w.dtype
+  pet, prec = params.get("preferred_element_type"), params.get("precision")
+  ids = jnp.clip(sv.ids, 0, sv.a.shape[0] - 1)
+  a = jnp.take(sv.a, ids, axis=0).astype(cdt)
+  b = jnp.take(sv.b, ids, axis=0).astype(cdt)
+  scale = jnp.where(sv.ids >= 0, jnp.take(sv.scales, ids), 0.0)
+  mid_lab, first_lab, second_lab = (t_lab, a_lab, b_lab) if xa_first else (u_lab, b_lab, a_lab)
+  first, second = (a, b) if xa_first else (b, a)
+  t = jnp.einsum(f"{''.join(x2_lab)},{''.join(first_lab)}->{''.join(mid_lab)}", x2, first,
+                 precision=prec, preferred_element_type=pet)
+  t = t * scale.astype(t.dtype).reshape([n_ex if l == e else 1 for l in mid_lab])
+  t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
+  y = jnp.einsum(f"{''.join(mid_lab)},{''.join(second_lab)}->{''.join(out2)}", t, second,
+                 precision=prec, preferred_element_type=pet)
+  if _is_q(sv.w):
+    base = _qdot(eqn, sv.w, x, sv_is_lhs)
+  else:
+    base = eqn.primitive.bind(*((sv.w, x) if sv_is_lhs else (x, sv.w)), **params)
+  return base + y.reshape(base.shape).astype(base.dtype)
+
+
 def _pair_labels(x_lab, first, other, out):
   """The labels of `x·first` that `other` or the output still needs (x's order, then first's)."""
   need = set(other) | set(out)
@@ -581,7 +700,7 @@ def _convert(ctx, eqn, invals):
     return None
   if _is_qv(lv):  # a quantized weight dequantizes to the new dtype
     return lv.replace(q=lv.q.astype(new))
-  return lv.replace(w=lv.w.astype(new) if _is_q(lv.w) else _bind(eqn, [lv.w]))
+  return lv.replace(w=lv.w.astype(new) if _is_q(lv.w) else _bind(eqn, [lv.w]))  # (_LV, _SV)
 
 
 @_rule("copy", "copy_p", quantized=True)
@@ -907,9 +1026,13 @@ def _scan(ctx, eqn, invals):
   nk = len(init)
   init = _materialize_all(ctx, init, "scan carry")
   xs = [ctx.materialize(x, "scan over a kernel axis") if _scan_cuts(x) else x for x in xs]
+  # a stack of adapters is sliced along its stack axes, not its per-example ids and scales
+  routes = [(v.ids, v.scales) if isinstance(v, _SV) else None for v in xs]
+  xs = [v.replace(ids=None, scales=None) if isinstance(v, _SV) else v for v in xs]
   body, body_consts = _open(p["jaxpr"])
 
   def step(carry, x):
+    x = [v.replace(ids=r[0], scales=r[1]) if r is not None else v for v, r in zip(x, routes)]
     x = [_unstack(v) for v in x]
     outs = _materialize_all(ctx, _eval(ctx, body, body_consts, [*consts, *carry, *x]),
                             "output of scan")
@@ -922,7 +1045,7 @@ def _scan(ctx, eqn, invals):
 
 def _scan_cuts(v) -> bool:
   """Whether scanning over `v`'s leading axis cuts through a kernel (not a stack axis)."""
-  if _is_lv(v):
+  if _is_lv(v) or isinstance(v, _SV):
     return v.stack == 0
   if _is_qv(v):  # codes and scales keep the leading axes; a double quantization is per stack slice
     return v.q.stack == 0 and (v.q.double_quant or v.q.ndim < 3)
@@ -933,8 +1056,8 @@ def _unstack(v):
   """One slice of a stacked weight, as `lax.scan` hands it to the body."""
   if _is_qv(v):
     return v.replace(q=dataclasses.replace(v.q, stack=max(v.q.stack - 1, 0)))
-  if _is_lv(v):
-    w = dataclasses.replace(v.w, stack=v.w.stack - 1) if _is_q(v.w) else v.w
+  if _is_lv(v) or isinstance(v, _SV):
+    w = dataclasses.replace(v.w, stack=max(v.w.stack - 1, 0)) if _is_q(v.w) else v.w
     return v.replace(w=w, stack=v.stack - 1)
   return v
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._src import paths as P
-from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_node
 from jlora._src.qarray import Quantized
 
 
@@ -42,12 +42,14 @@ def split(tree: Any) -> Split:
   def train(x):
     if isinstance(x, LoRA):
       return dataclasses.replace(x, w=None)
+    if isinstance(x, LoRAStack):  # the adapters train; their alphas, ranks and routing do not
+      return dataclasses.replace(x, w=None, alphas=None, ranks=None, ids=None)
     if isinstance(x, Trainable):
       return x
     return None
 
   def frozen(x):
-    if isinstance(x, LoRA):
+    if isinstance(x, (LoRA, LoRAStack)):
       return dataclasses.replace(x, a=None, b=None)
     if isinstance(x, Trainable):
       return Trainable(None)
@@ -124,6 +126,10 @@ def _first_difference(a, b) -> tuple[str, str]:
 
 
 def _merge_leaf(x):
+  if isinstance(x, LoRAStack):
+    raise ValueError(
+        "jlora.merge: a jlora.LoRAStack holds several adapters (one per example); there is no "
+        "single merged weight. Merge one adapter: jlora.merge(jlora.unstack(tree, i)).")
   if isinstance(x, Quantized):
     return x.dequantize()
   if isinstance(x, LoRA):
@@ -137,7 +143,7 @@ def _merge_leaf(x):
 
 
 def _base_leaf(x):
-  if isinstance(x, LoRA):
+  if isinstance(x, (LoRA, LoRAStack)):
     return x.w
   if isinstance(x, Trainable):
     return x.value
@@ -213,7 +219,7 @@ def count(tree: Any) -> Count:
   """Parameter counts `(total, trainable, frozen)`; works on abstract trees too."""
   t = f = 0
   for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node):
-    if isinstance(x, LoRA):
+    if isinstance(x, (LoRA, LoRAStack)):
       t += _size(x.a) + _size(x.b)
       f += _size(x.w)
     elif isinstance(x, Trainable):
@@ -250,6 +256,9 @@ def summary(tree: Any, *, max_rows: int | None = None) -> str:
         v = getattr(x, name)
         if v is not None:
           rows.append((f"  .{name}", _fmt_shape(v.shape), str(v.dtype), "", ""))
+    elif isinstance(x, LoRAStack):
+      rows.append((ps, _fmt_shape(x.shape), str(x.dtype), f"{x.n_adapters} x {x.rank}",
+                   f"{_size(x.a) + _size(x.b):,} + {_size(x.w):,} frozen"))
     elif isinstance(x, Quantized):
       rows.append((ps, _fmt_shape(x.shape), f"{x.kind}->{x.dtype_name}", "",
                    f"{_size(x):,} frozen"))
