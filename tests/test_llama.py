@@ -8,6 +8,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from safetensors.numpy import save_file
 
@@ -234,3 +235,55 @@ def test_tokenizer_round_trips(smollm2):
   enc = tok.encode(text)
   assert tok.decode(enc.ids) == text
   assert "1" in enc.tokens and "6" in enc.tokens  # digits split one by one
+
+
+@pytest.mark.slow
+def test_q4_1_blocks_are_the_gguf_packages_own_numbers():
+  import gguf
+  reader = gguf.GGUFReader(llama.smollm2_path())
+  t = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
+  assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+  codes, d, m = llama._q4_1_blocks(t)
+  q = np.stack([codes >> 4, codes & 15], axis=-1).reshape(codes.shape[0], -1)
+  ours = q.reshape(q.shape[0], -1, 32) * d[..., None].astype(np.float32) + m[..., None]
+  want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(q.shape)
+  np.testing.assert_array_equal(ours.reshape(q.shape).astype(np.float32), want)
+  assert len(np.unique(q)) == 16
+
+
+@pytest.mark.slow
+def test_gguf_q4_1_kernels_load_quantized(smollm2):
+  import gguf
+  config, qp = llama.from_gguf(quantized=True)
+  assert config == smollm2.config
+  is_q = lambda x: isinstance(x, jlora.Quantized)
+  flat = {jax.tree_util.keystr(p): x
+          for p, x in jax.tree_util.tree_flatten_with_path(qp, is_leaf=is_q)[0]}
+  kernels = {k: x for k, x in flat.items() if is_q(x)}
+  assert len(kernels) == 7 and all(x.kind == "q4_1" and x.transposed for x in kernels.values())
+  assert not is_q(qp["embed_tokens"]["embedding"])  # Q8_0 in the file: dequantized
+  # Bytes: the file's own Q4_1 blocks (20 bytes per 32 weights), nothing more.
+  reader = gguf.GGUFReader(llama.smollm2_path())
+  q4 = [t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1]
+  assert sum(x.nbytes for x in kernels.values()) == sum(int(t.data.nbytes) for t in q4)
+  float_flat = {jax.tree_util.keystr(p): x
+                for p, x in jax.tree_util.tree_flatten_with_path(smollm2.params)[0]}
+  for k, x in kernels.items():
+    np.testing.assert_allclose(np.asarray(x.dequantize()), np.asarray(float_flat[k]),
+                               rtol=1e-6, atol=1e-7, err_msg=k)
+  ids = jnp.asarray([smollm2.tokenizer.encode(PLAIN_ENGLISH).ids[:48]])
+  want = jax.jit(smollm2.model.apply)({"params": smollm2.params}, ids)
+  got = jax.jit(jlora.lora(smollm2.model.apply, strict=True))({"params": qp}, ids)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+  # A LoRA step on the quantized base: the adapters move, the codes do not.
+  tree = jlora.apply(qp, rank=4, targets="all-linear", stacked=r"^layers/")
+  codes = np.array(tree["layers"]["mlp"]["up_proj"]["kernel"].w.codes, copy=True)
+  fwd = jlora.lora(smollm2.model.apply)
+  loss_fn = lambda t, toks: llama.lm_loss(fwd({"params": t}, toks), toks)
+  step = jlora.train_step(loss_fn, optax.adam(1e-3))
+  before = float(jax.jit(loss_fn)(tree, ids))
+  tree, _, loss = step(tree, step.init(tree), ids)
+  after = float(jax.jit(loss_fn)(tree, ids))
+  assert abs(float(loss) - before) < 1e-4 and after < before - 0.01, (before, after)
+  np.testing.assert_array_equal(np.asarray(tree["layers"]["mlp"]["up_proj"]["kernel"].w.codes),
+                                codes)

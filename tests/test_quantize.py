@@ -162,6 +162,48 @@ def test_merge_is_the_dequantized_weight_plus_delta_in_the_compute_dtype():
   assert isinstance(jlora.base(t)["attn"]["q_proj"]["kernel"], jlora.Quantized)
 
 
+def q4_1_leaf(seed, stored_shape):
+  """A stacked, transposed q4_1 leaf from random codes, float16 scales and mins, and its NumPy
+  value: `code * scale + min` in blocks of 32 along the stored last axis, then transposed."""
+  rng = np.random.default_rng(seed)
+  q = rng.integers(0, 16, stored_shape).astype(np.uint8)
+  nb = stored_shape[:-1] + (stored_shape[-1] // 32,)
+  d = (rng.random(nb) * 0.02 + 0.001).astype(np.float16)
+  m = (-rng.random(nb) * 0.1).astype(np.float16)
+  want = (q.reshape(nb + (32,)) * d[..., None].astype(np.float64)
+          + m[..., None].astype(np.float64)).reshape(stored_shape).swapaxes(-1, -2)
+  codes = (q[..., 0::2] << 4) | q[..., 1::2]  # the first of a pair in the high nibble
+  leaf = jlora.Quantized(codes=jnp.asarray(codes), scales=jnp.asarray(d), mins=jnp.asarray(m),
+                         kind="q4_1", block_size=32, stack=1, transposed=True)
+  return leaf, want
+
+
+def test_q4_1_blocks_dequantize_affinely_and_run_factored_under_scan():
+  leaf, want = q4_1_leaf(3, (3, 48, 64))  # stacked (3, in=64, out=48) kernels
+  assert leaf.shape == (3, 64, 48) and leaf.dtype == jnp.float32
+  assert leaf.nbytes == 3 * 48 * 64 // 2 + 2 * (2 * 3 * 48 * 2)  # 5 bits per element
+  np.testing.assert_allclose(np.asarray(leaf.dequantize(), np.float64), want, rtol=1e-6,
+                             atol=1e-7)
+  down = rand((3, 48, 64), 4, scale=0.1)
+  t = randomize_b(jlora.apply({"layers": {"up": leaf, "down": down}}, rank=4,
+                              targets="up|down", stacked=r"^layers/"), scale=0.3)
+  x = rand((5, 64), 6)
+  f = lambda t: jnp.sum(jlora.lora(stacked_model, strict=True)(t, x) ** 2)
+  m = lambda t: jnp.sum(stacked_model(jlora.merge(t), x) ** 2)
+  np.testing.assert_allclose(f(t), m(t), rtol=1e-5)
+  merged = jlora.merge(t)["layers"]["up"]
+  np.testing.assert_allclose(np.asarray(merged, np.float64),
+                             want + np.asarray(t["layers"]["up"].delta()), rtol=1e-5, atol=1e-6)
+  train, frozen = jlora.split(t)
+  gf = jax.grad(lambda tr: f(jlora.combine(tr, frozen)))(train)
+  gm = jax.grad(lambda tr: m(jlora.combine(tr, frozen)))(train)
+  for a, b in zip(jax.tree_util.tree_leaves(gf), jax.tree_util.tree_leaves(gm)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+  no_mins = jlora.Quantized(codes=leaf.codes, scales=leaf.scales, kind="q4_1", block_size=32)
+  with pytest.raises(ValueError, match="q4_1 weight .* without its per-block `mins`"):
+    no_mins.dequantize()
+
+
 def stacked_model(p, x):
   def layer(h, w):
     h = h + jax.nn.relu(h @ w["up"]) @ w["down"]

@@ -40,9 +40,30 @@ def test_shakespeare_lora_lowers_held_out_hamlet_nll(smollm2, tmp_path, monkeypa
   assert json.loads((tmp_path / "metrics.json").read_text())["nll_after"] == r["nll_after"]
 
 
+@pytest.mark.slow
+def test_shakespeare_qlora_on_an_nf4_base(smollm2, tmp_path, monkeypatch):
+  monkeypatch.setattr(shakespeare.llama, "from_gguf", _fresh_copy(smollm2))
+  monkeypatch.setattr(shakespeare.llama, "tokenizer_from_gguf", lambda path=None: smollm2.tokenizer)
+  r = shakespeare.main(["--quantize", "nf4", "--steps", "6", "--batch-size", "2", "--seq-len",
+                        "64", "--lr", "6e-3", "--eval-windows", "6", "--sample-tokens", "6",
+                        "--no-progress", "--out", str(tmp_path)])
+  assert r["nll_before"] - r["nll_after"] >= 0.2, (r["nll_before"], r["nll_after"])
+  assert r["frozen_unchanged"] and r["restored_logits_identical"]
+  assert len(r["samples_after"]) == len(shakespeare.PROMPTS) and r["trainable_params"] == 460_800
+  # The base's bytes: every float32 linear kernel of the blocks becomes 4-bit codes plus one
+  # float32 scale per 64 elements; the embedding table and the norms stay float32.
+  flat = jax.tree_util.tree_flatten_with_path(smollm2.params)[0]
+  linear = sum(x.size for p, x in flat if jax.tree_util.keystr(p).endswith("['kernel']"))
+  total = sum(x.size for x in jax.tree.leaves(smollm2.params))
+  assert linear > 0.75 * total
+  assert r["base_bytes"] == 4 * total
+  assert r["base_bytes_after"] == 4 * (total - linear) + linear // 2 + 4 * (linear // 64)
+
+
 def test_shakespeare_flags():
   a = shakespeare.parse_args([])
-  assert (a.rank, a.targets, a.merge, a.steps) == (8, None, False, 40)
+  assert (a.rank, a.targets, a.merge, a.steps, a.quantize) == (8, None, False, 40, "none")
+  assert shakespeare.parse_args(["--quantize", "nf4"]).quantize == "nf4"
   assert (a.greedy, a.temperature, a.top_p) == (False, 1.0, 0.9)
   assert shakespeare.parse_args(["--merge", "--remat"]).remat
   assert shakespeare.parse_args(["--greedy"]).greedy

@@ -17,8 +17,13 @@ flattening, as bitsandbytes blocks the flattened weight it quantizes):
   scales) and `scale_offset` (float32, the mean of each slice's scales, which
   is subtracted before quantizing them), as QLoRA's double quantization.
 
+A fourth kind, `"q4_1"`, is not made by `jlora.quantize` but loaded as stored
+by a GGUF file (ggml's Q4_1: blocks of 32, an affine 4-bit code): its codes
+pack as NF4's, `scales` and `mins` (float16, as ggml stores them; one per
+block) give `code * scale + min`, computed in float32.
+
 Dequantizing is `codebook[code] * scale` (NF4, computed in float32),
-`code * scale` (int8, fp8), cast to `dtype`, the weight's dtype before
+`code * scale` (int8, fp8), `code * scale + min` (q4_1), cast to `dtype`, the weight's dtype before
 quantization. The NF4 code book is Appendix E of the QLoRA paper (Dettmers et al.
 2023, arXiv:2305.14314); the dynamic map of the double quantization is the 8-bit
 dynamic tree quantization of Dettmers 2016 (arXiv:1511.04561): a sign, a
@@ -37,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-KINDS = ("nf4", "int8", "fp8")
+KINDS = ("nf4", "int8", "fp8")  # the kinds `jlora.quantize` makes
+_PACKED = ("nf4", "q4_1")  # two 4-bit codes per byte
 
 # NF4 (QLoRA, Appendix E): the 16 quantiles of N(0, 1), normalized to [-1, 1], with an exact 0.
 NF4_CODEBOOK = np.array([
@@ -95,6 +101,7 @@ class Quantized:
   scales: Any
   scale_scales: Any = None
   scale_offset: Any = None
+  mins: Any = None
   kind: str = dataclasses.field(default="nf4", metadata=dict(static=True))
   block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
   dtype_name: str = dataclasses.field(default="float32", metadata=dict(static=True))
@@ -110,7 +117,7 @@ class Quantized:
   def stored_shape(self) -> tuple[int, ...]:
     """The shape of the weight as its codes store it (blocks along the last axis)."""
     s = tuple(self.codes.shape)
-    return s[:-1] + (s[-1] * 2,) if self.kind == "nf4" else s
+    return s[:-1] + (s[-1] * 2,) if self.kind in _PACKED else s
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -133,7 +140,7 @@ class Quantized:
   @property
   def nbytes(self) -> int:
     """Bytes held: codes and scales (what replaces the weight's `size * itemsize`)."""
-    arrs = (self.codes, self.scales, self.scale_scales, self.scale_offset)
+    arrs = (self.codes, self.scales, self.scale_scales, self.scale_offset, self.mins)
     return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrs if a is not None)
 
   def astype(self, dtype) -> Quantized:
@@ -161,19 +168,23 @@ class Quantized:
     return lax.stop_gradient(vals + self.scale_offset.reshape(stack_shape + (1,) * len(rest)))
 
   def dequantize(self, dtype=None) -> jax.Array:
-    """The weight: `value(code) * scale` block by block, in `dtype` (default `self.dtype`)."""
+    """The weight: `value(code) * scale` (`+ min`) block by block, in `dtype` (default its own)."""
     dtype = self.dtype if dtype is None else jnp.dtype(dtype)
-    if self.kind == "nf4":
-      hi = self.codes >> 4
-      lo = self.codes & 15
-      idx = jnp.stack([hi, lo], axis=-1).reshape(self.stored_shape)
-      vals = jnp.take(jnp.asarray(NF4_CODEBOOK), idx.astype(jnp.int32))
+    if self.kind == "q4_1" and self.mins is None:
+      raise ValueError(f"jlora.Quantized: a q4_1 weight ({list(self.shape)}) without its "
+                       f"per-block `mins`. Build it with mins=, as the GGUF loader does.")
+    if self.kind in _PACKED:
+      idx = jnp.stack([self.codes >> 4, self.codes & 15], axis=-1).reshape(self.stored_shape)
+      vals = (jnp.take(jnp.asarray(NF4_CODEBOOK), idx.astype(jnp.int32)) if self.kind == "nf4"
+              else idx.astype(jnp.float32))
     else:
       vals = self.codes.astype(jnp.float32)
     shape = self.stored_shape
     nb = shape[-1] // self.block_size
-    vals = vals.reshape(shape[:-1] + (nb, self.block_size))
-    w = (vals * self.block_scales()[..., None]).reshape(shape).astype(dtype)
+    vals = vals.reshape(shape[:-1] + (nb, self.block_size)) * self.block_scales()[..., None]
+    if self.mins is not None:
+      vals = vals + lax.stop_gradient(self.mins.astype(jnp.float32))[..., None]
+    w = vals.reshape(shape).astype(dtype)
     return jnp.swapaxes(w, -1, -2) if self.transposed else w
 
   def __repr__(self) -> str:

