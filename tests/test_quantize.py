@@ -417,3 +417,14 @@ def test_bad_arguments_name_the_path_and_the_fix():
     jlora.quantize(p, "nf4", targets="nope")
   # 4 bits per weight and a float32 scale per 64: 1/8 + 1/64 of float32's bytes
   assert math.isclose(q["attn"]["q_proj"]["kernel"].nbytes / (64 * 128 * 4), 1 / 8 + 1 / 64)
+
+
+def test_q4_1_table_rows_are_gathered_with_their_mins():
+  leaf, _ = q4_1_leaf(5, (1, 24, 64))
+  table = jlora.Quantized(codes=leaf.codes[0], scales=leaf.scales[0], mins=leaf.mins[0],
+                          kind="q4_1", block_size=32)
+  ids = jnp.asarray([0, 5, 23, 5])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = jlora.lora(lambda t, i: t["e"][i], strict=True)({"e": table}, ids)
+  np.testing.assert_array_equal(got, table.dequantize()[ids])

@@ -883,9 +883,10 @@ def _gather_rows(eqn, arr, idx):
 def _q_rows(eqn, q: Quantized, idx):
   """Rows of a quantized table: the codes' and the scales' rows, dequantized (no full copy)."""
   pos = eqn.params["dimension_numbers"].offset_dims[0]
-  rows = Quantized(codes=jnp.moveaxis(_gather_rows(eqn, q.codes, idx), pos, -1),
-                   scales=jnp.moveaxis(_gather_rows(eqn, q.block_scales(), idx), pos, -1),
-                   kind=q.kind, block_size=q.block_size, dtype_name=q.dtype_name)
+  rows_of = lambda arr: jnp.moveaxis(_gather_rows(eqn, arr, idx), pos, -1)
+  rows = Quantized(codes=rows_of(q.codes), scales=rows_of(q.block_scales()),
+                   mins=None if q.mins is None else rows_of(q.mins), kind=q.kind,
+                   block_size=q.block_size, dtype_name=q.dtype_name)
   return jnp.moveaxis(rows.dequantize(), -1, pos)
 
 
