@@ -18,7 +18,7 @@ from jlora import hf, sharding
 from jlora._src.apply import apply
 from jlora._src.checkpoint import CheckpointManager, Restored, read_metadata, restore, save
 from jlora._src.leaf import LoRA, Trainable, is_lora
-from jlora._src.optim import TrainStep, optimizer, train_step
+from jlora._src.optim import TrainStep, lora_plus, optimizer, train_step
 from jlora._src.transform import MaterializeWarning, lora
 from jlora._src.tree import Count, Split, base, combine, count, merge, split, summary
 from jlora._src.version import VERSION as __version__  # noqa: F401
@@ -39,6 +39,7 @@ __all__ = [
     "hf",
     "is_lora",
     "lora",
+    "lora_plus",
     "merge",
     "optimizer",
     "read_metadata",
