@@ -73,7 +73,8 @@ def adapter_specs(w_spec: Sequence[Any], a_axes: Sequence[int], stack: int, ndim
 def magnitude_spec(b_spec: PartitionSpec, stack: int) -> PartitionSpec:
   """DoRA's magnitude `m` (stack and B axes) laid out as `b` without its rank axis: as the
   weight's B axes."""
-  bs = _pad(tuple(b_spec), stack + 1)
+  bs = tuple(b_spec)
+  bs = bs + (None,) * max(0, stack + 1 - len(bs))
   return _trim(PartitionSpec(*bs[:stack], *bs[stack + 1:]))
 
 
