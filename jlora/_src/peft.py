@@ -826,7 +826,7 @@ def _imported_variant(leaf: LoRA, slices, halves, dora: bool, residual, ps, dtyp
     mask = jnp.asarray(covered.reshape(covered.shape + (1,) * (w.ndim - n)))
     leaf = dataclasses.replace(leaf, w=jnp.where(mask, w_res, w), residual=residual)
   if dora:
-    mag = np.asarray(dora_magnitude(leaf), np.float32)  # the weight's norm where not covered
+    mag = np.array(dora_magnitude(leaf), np.float32)  # the weight's norm where not covered
     for idx, module in slices.items():
       got = halves[module][_MAG]
       if got.shape != mag[idx].shape:
