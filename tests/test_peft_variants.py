@@ -3,6 +3,7 @@ and alpha patterns. Each way: a PEFT adapter with trained-like (randomized) weig
 PEFT onto the base model, gives the logits of jlora's import (factored and merged); a jlora
 adapter exported and loaded by PEFT gives jlora's logits."""
 
+import copy
 import dataclasses
 import zlib
 
@@ -52,15 +53,24 @@ def base(smollm2):
       max_position_embeddings=2048)
   sd = {k: np.array(v) for k, v in llama.to_hf_state_dict(smollm2.params, c).items()}
   ids = smollm2.tokenizer.encode("The capital of France is Paris, and the capital of").ids
-  return cfg, sd, np.asarray([ids])
+  return _HF(cfg, sd), sd, np.asarray([ids])
+
+
+class _HF:
+  """Makes fresh copies of the base HF model (PEFT edits the model it is given)."""
+
+  def __init__(self, cfg, sd):
+    import torch
+    import transformers
+    self.model = transformers.LlamaForCausalLM(cfg).eval()
+    self.model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+
+  def fresh(self):
+    return copy.deepcopy(self.model)
 
 
 def _hf_model(cfg, sd):
-  import torch
-  import transformers
-  m = transformers.LlamaForCausalLM(cfg).eval()
-  m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
-  return m
+  return cfg.fresh()
 
 
 def _torch_logits(model, tokens):
@@ -127,8 +137,8 @@ def test_peft_adapter_imports_to_peft_logits(smollm2, base, tmp_path, name):
   assert leaves and all(x.dora == bool(pcfg.get("use_dora")) for x in leaves)
   assert all(x.residual == pcfg.get("init_lora_weights") for x in leaves)
   fact, merged = _jlora_logits(smollm2, tree, tokens)
-  _close(fact, want, "factored")
-  _close(merged, want, "merged")
+  print(f"{name} PEFT -> jlora: max |diff| / max |logit|: factored "
+        f"{_close(fact, want, 'factored'):.1e}, merged {_close(merged, want, 'merged'):.1e}")
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -145,5 +155,6 @@ def test_jlora_adapter_loads_in_peft_to_jlora_logits(smollm2, base, tmp_path, na
   fact, merged = _jlora_logits(smollm2, tree, tokens)
   base_logits = _torch_logits(_hf_model(cfg, sd), tokens)
   assert np.abs(got - base_logits).max() > 1e-2 * np.abs(got).max()
-  _close(got, fact, "PEFT vs jlora factored")
-  _close(merged, fact, "merged vs factored")
+  print(f"{name} jlora -> PEFT: max |diff| / max |logit|: PEFT vs factored "
+        f"{_close(got, fact, 'PEFT vs jlora factored'):.1e}, merged vs factored "
+        f"{_close(merged, fact, 'merged vs factored'):.1e}")
