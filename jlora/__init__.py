@@ -19,7 +19,7 @@ from jlora._src.apply import apply, quantize
 from jlora._src.checkpoint import CheckpointManager, Restored, read_metadata, restore, save
 from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_lora
 from jlora._src.multi import select, stack, unstack
-from jlora._src.optim import TrainStep, optimizer, train_step
+from jlora._src.optim import TrainStep, lora_plus, optimizer, train_step
 from jlora._src.qarray import Quantized
 from jlora._src.transform import MaterializeWarning, lora
 from jlora._src.tree import Count, Split, base, combine, count, merge, split, summary
@@ -43,6 +43,7 @@ __all__ = [
     "hf",
     "is_lora",
     "lora",
+    "lora_plus",
     "merge",
     "optimizer",
     "quantize",

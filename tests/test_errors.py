@@ -23,7 +23,8 @@ PARAMS = {"block": {"q_proj": {"kernel": _rand((8, 12))}, "k_proj": {"kernel": _
 # apply: arguments ------------------------------------------------------------------------------
 
 def test_unknown_init():
-  with pytest.raises(ValueError, match=r"init='xavier' is not one of \('he_uniform', 'gaussian'\)"):
+  with pytest.raises(ValueError, match=r"init='xavier' is not one of \('he_uniform', 'gaussian', "
+                                       r"'pissa', 'olora'\) or 'pissa_niter_<n>'"):
     jlora.apply(PARAMS, init="xavier")
 
 

@@ -97,10 +97,11 @@ def _check_weights(tree, params, tensors, scale, mods=("q", "v"), name=None):
 # ----------------------------------------------------------------------------- init_lora_weights
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "lora_ga"])
+@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "lora_ga"])
 def test_init_that_changes_the_base_is_refused(tmp_path, init):
   # PEFT subtracts the adapter's initial product from the base weights for these, so reading the
-  # factors onto the untouched base gives other weights than PEFT's.
+  # factors onto the untouched base gives other weights than PEFT's ('pissa' and 'olora' jlora
+  # rebuilds: tests/test_peft_variants.py).
   d = _write(tmp_path / "a", _config(init_lora_weights=init), _tensors())
   with pytest.raises(ValueError, match=rf"init_lora_weights='{init}'.*base weights.*"
                                        r"path_initial_model_for_weight_conversion"):
@@ -252,7 +253,6 @@ def test_one_module_reached_from_two_leaves_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("use_dora", True, "use_dora.*DoRA"),
     ("lora_bias", True, "lora_bias.*bias"),
     ("fan_in_fan_out", True, "fan_in_fan_out"),
     ("alora_invocation_tokens", [3, 4], "alora_invocation_tokens.*Activated LoRA"),
@@ -336,7 +336,6 @@ def test_tensors_of_selected_modules_import(tmp_path, extra, layers):
 @pytest.mark.parametrize("key,match", [
     ("model.lm_head.weight", "modules_to_save"),
     ("model.layers.0.self_attn.q_proj.bias", "bias"),
-    ("model.layers.0.self_attn.q_proj.lora_magnitude_vector", "DoRA"),
     ("model.embed_tokens.lora_embedding_A", "embedding"),
     ("model.embed_tokens.token_adapter.trainable_tokens_delta", "trainable tokens"),
 ])
@@ -344,6 +343,20 @@ def test_tensors_jlora_would_ignore_are_refused(tmp_path, key, match):
   t = {**_tensors(), PRE + key: np.ones((2, 2), np.float32)}
   with pytest.raises(ValueError, match=rf"'{PRE + key}', which is not.*{match}"):
     llama_hf.import_peft(_write(tmp_path / "a", _config(), t), _params())
+
+
+def test_dora_magnitude_without_use_dora_is_refused(tmp_path):
+  t = {**_tensors(), PRE + "model.layers.0.self_attn.q_proj.lora_magnitude_vector":
+       np.ones((8,), np.float32)}
+  with pytest.raises(ValueError, match="lora_magnitude_vector for 'model.layers.0.self_attn.q_proj'"
+                                       ".*does not set use_dora=true"):
+    llama_hf.import_peft(_write(tmp_path / "a", _config(), t), _params())
+  bad = {**t, PRE + "model.layers.0.self_attn.q_proj.lora_magnitude_vector":
+         np.ones((3,), np.float32)}
+  with pytest.raises(ValueError,
+                     match="lora_magnitude_vector of shape \\(3,\\).*expected \\(8,\\)"):
+    llama_hf.import_peft(_write(tmp_path / "b", {**_config(), "use_dora": True}, {
+        k: v for k, v in bad.items() if ".layers.0.self_attn.q_proj." in k}), _params())
 
 
 @pytest.mark.parametrize("shape_a,shape_b", [((), (D, 2)), ((2,), (D, 2)), ((2, D, 1), (D, 2)),

@@ -428,3 +428,17 @@ def test_q4_1_table_rows_are_gathered_with_their_mins():
     warnings.simplefilter("error")
     got = jlora.lora(lambda t, i: t["e"][i], strict=True)({"e": table}, ids)
   np.testing.assert_array_equal(got, table.dequantize()[ids])
+
+
+def test_dora_over_a_quantized_base_and_pissa_refused_on_codes():
+  p = params()
+  t = randomize_b(jlora.apply(jlora.quantize(p, "nf4"), rank=4, dora=True), scale=0.3)
+  ids = jnp.asarray(np.random.default_rng(8).integers(0, 50, (12,)))
+  np.testing.assert_allclose(jlora.lora(mlp, strict=True)(t, ids), mlp(jlora.merge(t), ids),
+                             rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match=r"init='pissa' replaces the weight at "
+                                       r"'attn/q_proj/kernel'.*jlora.quantize\(jlora.apply"):
+    jlora.apply(jlora.quantize(p, "nf4"), rank=4, init="pissa")
+  # the other order quantizes the residual
+  q = jlora.quantize(jlora.apply(p, rank=4, init="pissa"), "nf4")
+  assert isinstance(q["attn"]["q_proj"]["kernel"].w, jlora.Quantized)

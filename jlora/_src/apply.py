@@ -18,12 +18,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jlora._src import paths as P
-from jlora._src.leaf import LoRA, Trainable, is_node
+from jlora._src.leaf import LoRA, Trainable, dora_norm, is_node
 from jlora._src.qarray import KINDS as QKINDS, Quantized, quantize_array
 from jlora._src.specs import adapter_specs
 
 LAYOUTS = ("keras", "fan")
-INITS = ("he_uniform", "gaussian")
+INITS = ("he_uniform", "gaussian", "pissa", "olora")  # and "pissa_niter_<n>"
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 def apply(
@@ -40,6 +41,7 @@ def apply(
     dtype: Any = jnp.float32,
     init: str = "he_uniform",
     rslora: bool = False,
+    dora: bool = False,
 ) -> Any:
   """Returns `params` with every targeted kernel replaced by a `jlora.LoRA` leaf.
 
@@ -84,9 +86,24 @@ def apply(
       target folds in a hash of its path, so inits don't repeat across leaves.
     dtype: the adapters' dtype (default float32, whatever the kernel's dtype).
     init: `"he_uniform"` (default, as Keras and Flax) or `"gaussian"`
-      (normal with std 1/rank, as PEFT's `init_lora_weights="gaussian"`).
+      (normal with std 1/rank, as PEFT's `init_lora_weights="gaussian"`), with
+      `b` zeros; or an init that moves the weight's principal part into the
+      adapters and leaves the frozen `w` as the residual (the model is
+      unchanged; the leaf records it in `LoRA.residual`), as PEFT's
+      `init_lora_weights` of the same name computes it, in float32:
+      `"pissa"` (`a`, `b` from the top `rank` singular triplets, each factor
+      taking the square root of the singular values divided by the scale),
+      `"pissa_niter_<n>"` (the same from a randomized SVD with `n` power
+      iterations, seeded by `key`: fast for large kernels) or `"olora"` (`b`
+      the first `rank` rows of Q and `a` of R in the QR decomposition of the
+      `(out, in)` weight). N-d kernels are factored as the matrix of their A
+      axes by their B axes.
     rslora: scale by alpha/sqrt(rank) (rank-stabilized LoRA) instead of
       alpha/rank.
+    dora: make each target a DoRA leaf (weight-decomposed LoRA): a trainable
+      magnitude `m`, one value per element of the kernel's B axes (per output
+      feature of a 2-D kernel), initialised to the norm of the weight over its
+      A axes, so the model is unchanged; see `jlora.LoRA`.
 
   Returns:
     The same tree structure with `LoRA` (and `Trainable`) nodes in place of
@@ -113,6 +130,7 @@ def apply(
   """
   init = _check_init(init)
   rslora = _check_rslora(rslora)
+  dora = _check_flag(dora, "dora")
   dtype = _adapter_dtype(dtype)
   key = _prng_key(key)
   select = _Targets(targets, stacked)
@@ -162,8 +180,14 @@ def apply(
     decision = select.decide(ps, leaf, n_stack)
     if decision is _ADAPT:
       matched += 1
-      out.append(_make_lora(ps, leaf, n_stack, key=key, dtype=dtype, init=init, rslora=rslora,
-                            used=used, **per_target))
+      if isinstance(leaf, Quantized) and (init in RESIDUAL_INITS or _niter(init) is not None):
+        raise ValueError(
+            f"jlora.apply: init={init!r} replaces the weight at {ps!r} by its residual, and "
+            f"that weight is quantized (its codes cannot hold a residual). Apply first, then "
+            f"quantize the residual: jlora.quantize(jlora.apply(params, ..., init={init!r})).")
+      made = _make_lora(ps, leaf, n_stack, key=key, dtype=dtype, init=_random_init(init),
+                        rslora=rslora, used=used, **per_target)
+      out.append(_variant(made, init, dora, _path_key(key, ps)))
       continue
     if decision is not _SKIP:
       rejects.append(decision)
@@ -180,15 +204,114 @@ def apply(
 
 
 def _check_init(init):
-  if not isinstance(init, str) or init not in INITS:
-    raise ValueError(f"jlora.apply: init={init!r} is not one of {INITS}.")
-  return init
+  if isinstance(init, str) and (init in INITS or _niter(init) is not None):
+    return init
+  raise ValueError(f"jlora.apply: init={init!r} is not one of {INITS} or 'pissa_niter_<n>' "
+                   f"(n >= 0 power iterations, e.g. 'pissa_niter_4').")
+
+
+def _niter(init) -> int | None:
+  """`n` of `"pissa_niter_<n>"`, else None."""
+  m = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
+  return None if m is None else int(m[1])
+
+
+def _random_init(init) -> str:
+  return init if init in ("he_uniform", "gaussian") else "he_uniform"
 
 
 def _check_rslora(rslora):
-  if not isinstance(rslora, (bool, np.bool_)):
-    raise TypeError(f"jlora.apply: rslora={rslora!r} must be True or False.")
-  return bool(rslora)
+  return _check_flag(rslora, "rslora")
+
+
+def _check_flag(v, name):
+  if not isinstance(v, (bool, np.bool_)):
+    raise TypeError(f"jlora.apply: {name}={v!r} must be True or False.")
+  return bool(v)
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def _variant(leaf: LoRA, init: str, dora: bool, key) -> LoRA:
+  """`leaf` with a residual init (PiSSA/OLoRA) and/or DoRA's magnitude."""
+  if init in ("pissa", "olora") or _niter(init) is not None:
+    w, a, b = residual_init(leaf.w, init, leaf.rank, leaf.scale, leaf.a_axes, leaf.stack, key)
+    leaf = dataclasses.replace(leaf, w=w, a=a.astype(leaf.a.dtype), b=b.astype(leaf.b.dtype),
+                               residual=init)
+  if dora:
+    leaf = dataclasses.replace(leaf, m=dora_magnitude(leaf).astype(leaf.a.dtype))
+  return leaf
+
+
+def dora_magnitude(leaf: LoRA) -> jax.Array:
+  """DoRA's initial magnitude: the norm of `w + s·a@b` over the A axes (float32)."""
+  return dora_norm(dataclasses.replace(leaf, m=None).effective(), leaf.a_axes, leaf.stack)
+
+
+def _as_matrix(w, a_axes, stack):
+  """`w` as `stack_shape + (fan_in, fan_out)` (A axes, then B axes, each in kernel order)."""
+  nd = w.ndim - stack
+  b_axes = [i for i in range(nd) if i not in a_axes]
+  perm = list(range(stack)) + [stack + i for i in a_axes] + [stack + i for i in b_axes]
+  wt = jnp.transpose(w, perm)
+  s = wt.shape[:stack]
+  fan_in = math.prod(w.shape[stack + i] for i in a_axes)
+  return wt.reshape(s + (fan_in, -1)), perm
+
+
+def residual_init(w, init, rank, scale, a_axes, stack, key=None):
+  """`(w - scale·a@b, a, b)` of PiSSA (`"pissa"`, `"pissa_niter_<n>"`) or OLoRA (`"olora"`).
+
+  As PEFT's `init_lora_weights` computes them (peft.tuners.lora.LoraLayer.pissa_init and
+  olora_init), in float32, with PEFT's `(out, in)` weight the transpose of the `(fan_in,
+  fan_out)` matrix here: PiSSA `a = U_r·sqrt(S_r/s)`, `b = sqrt(S_r/s)·V_rᵀ`; OLoRA `b = Q_rᵀ`,
+  `a = R_rᵀ` for `wᵀ = Q·R`. The residual is cast back to `w`'s dtype; `a`, `b` are float32.
+  """
+  mat, perm = _as_matrix(w, a_axes, stack)
+  mat = mat.astype(jnp.float32)
+  r = rank
+  if init == "olora":
+    q, rr = jnp.linalg.qr(jnp.swapaxes(mat, -1, -2))  # (out, k), (k, in)
+    b = jnp.swapaxes(q[..., :r], -1, -2)               # (r, out)
+    a = jnp.swapaxes(rr[..., :r, :], -1, -2)           # (in, r)
+  else:
+    n = _niter(init)
+    if n is None:
+      u, sv, vh = jnp.linalg.svd(mat, full_matrices=False)
+      u, sv, vh = u[..., :r], sv[..., :r], vh[..., :r, :]
+    else:
+      u, sv, vh = _svd_lowrank(mat, r, n, jax.random.key(0) if key is None else key)
+    root = jnp.sqrt(sv / scale)
+    a = u * root[..., None, :]
+    b = root[..., :, None] * vh
+  res = mat - scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  inv = np.argsort(perm)
+  shaped = jnp.transpose(w, perm).shape
+  w_res = jnp.transpose(res.reshape(shaped), inv).astype(w.dtype)
+  k = w.shape[stack:]
+  a_dims = tuple(k[i] for i in a_axes)
+  b_dims = tuple(k[i] for i in range(len(k)) if i not in a_axes)
+  s = w.shape[:stack]
+  return w_res, a.reshape(s + a_dims + (r,)), b.reshape(s + (r,) + b_dims)
+
+
+def _svd_lowrank(mat, r, niter, key):
+  """A randomized rank-`r` SVD (Halko et al., as torch.svd_lowrank: oversampling to
+  min(r + 10, ...) columns and `niter` subspace iterations), truncated to `r`."""
+  m, n = mat.shape[-2:]
+  q_cols = min(r + 10, m, n)
+  hi = jax.lax.Precision.HIGHEST
+  g = jax.random.normal(key, mat.shape[:-2] + (n, q_cols), jnp.float32)
+  q, _ = jnp.linalg.qr(jnp.matmul(mat, g, precision=hi))
+  mt = jnp.swapaxes(mat, -1, -2)
+  for _ in range(niter):
+    z, _ = jnp.linalg.qr(jnp.matmul(mt, q, precision=hi))
+    q, _ = jnp.linalg.qr(jnp.matmul(mat, z, precision=hi))
+  bmat = jnp.matmul(jnp.swapaxes(q, -1, -2), mat, precision=hi)
+  u, sv, vh = jnp.linalg.svd(bmat, full_matrices=False)
+  u = jnp.matmul(q, u, precision=hi)
+  return u[..., :r], sv[..., :r], vh[..., :r, :]
 
 
 def _adapter_dtype(dtype):

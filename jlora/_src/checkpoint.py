@@ -391,6 +391,20 @@ def _check_step(step, fn: str, *, optional: bool = False) -> int | None:
   return step
 
 
+def _variant_metadata(x) -> dict:
+  """The metadata of a LoRA variant: DoRA's `m` (shape, dtype), a residual init's name."""
+  out = {}
+  if x.m is not None:
+    out.update(m_shape=list(_shape(x.m)), m_dtype=_dtype(x.m))
+  if x.residual is not None:
+    out["residual"] = x.residual
+  return out
+
+
+def _lora_arrays(x) -> dict:
+  return {"a": x.a, "b": x.b} if x.m is None else {"a": x.a, "b": x.b, "m": x.m}
+
+
 def _metadata(entries, base, opt_flat, step, user, save_id) -> dict:
   adapters, trainable, dtypes = {}, {}, set()
   for i, e in enumerate(entries):
@@ -400,7 +414,7 @@ def _metadata(entries, base, opt_flat, step, user, save_id) -> dict:
           key=_key(i), keys=e.keys, rank=x.rank, alpha=_json_float(x.alpha),
           a_axes=list(x.a_axes), stack=x.stack, rslora=bool(x.rslora),
           a_shape=list(_shape(x.a)), b_shape=list(_shape(x.b)), dtype=_dtype(x.a),
-          b_dtype=_dtype(x.b))
+          b_dtype=_dtype(x.b), **_variant_metadata(x))
       dtypes.update({_dtype(x.a), _dtype(x.b)})
     else:
       trainable[e.path] = dict(key=_key(i), keys=e.keys, shape=list(_shape(x.value)),
@@ -511,7 +525,7 @@ def _save(directory, tree, opt_state, step, metadata, overwrite, fn) -> str:
   arrays = {}
   for i, e in enumerate(entries):
     x = e.node
-    arrays[_key(i)] = {"a": x.a, "b": x.b} if e.kind == "lora" else {"value": x.value}
+    arrays[_key(i)] = _lora_arrays(x) if e.kind == "lora" else {"value": x.value}
   items = {_ADAPTER: ocp.args.StandardSave(arrays)}
   if opt_flat is not None:
     items[_OPT] = ocp.args.StandardSave({_key(i): x for i, (_, x) in enumerate(opt_flat)})
@@ -717,6 +731,7 @@ def _check_entries(directory, meta, entries):
             f"layout, e.g. jlora.apply(params, rank={{{e.path!r}: {want['rank']}, ...}}, "
             f"alpha=..., rslora={want['rslora']}); the checkpoint's metadata lists rank, alpha, "
             f"a_axes, stack and rslora per target.")
+    _check_variant(e.path, x, want)
     for name in ("a", "b"):
       got = list(_shape(getattr(x, name)))
       if got != want[f"{name}_shape"]:
@@ -725,6 +740,28 @@ def _check_entries(directory, meta, entries):
             f"{tuple(want[f'{name}_shape'])} in the checkpoint and {tuple(got)} in the target "
             f"(the kernel shapes differ). Restore onto the base model the checkpoint was "
             f"trained from.")
+
+
+def _check_variant(ps, x, want):
+  """Refuses a target whose DoRA magnitude or residual init differs from the checkpoint's."""
+  saved_dora, dora = "m_shape" in want, x.m is not None
+  if saved_dora != dora:
+    raise ValueError(
+        f"jlora.restore: the adapter at {ps!r} is {'DoRA' if saved_dora else 'plain LoRA'} in "
+        f"the checkpoint but {'DoRA' if dora else 'plain LoRA'} in the target. Rebuild the target "
+        f"with jlora.apply(params, ..., dora={saved_dora}).")
+  if dora and list(_shape(x.m)) != want["m_shape"]:
+    raise ValueError(
+        f"jlora.restore: DoRA's magnitude at {ps!r} has shape {tuple(want['m_shape'])} in the "
+        f"checkpoint and {tuple(_shape(x.m))} in the target. Restore onto the base model the "
+        f"checkpoint was trained from.")
+  if want.get("residual") != x.residual:
+    raise ValueError(
+        f"jlora.restore: the adapter at {ps!r} was trained on the residual of "
+        f"init={want.get('residual')!r} in the checkpoint, but the target's is "
+        f"{x.residual!r}: the frozen weights differ. Rebuild the target with jlora.apply(params, "
+        f"..., init={want.get('residual') or 'he_uniform'!r}) (the same rank and alpha), then "
+        f"restore.")
 
 
 def _read_arrays(directory, items):
@@ -739,7 +776,7 @@ def _tree_from_metadata(meta, arrays):
     v = arrays[m["key"]]
     _put(out, m.get("keys", ps.split("/")),
          LoRA(w=None, a=v["a"], b=v["b"], alpha=m["alpha"], a_axes=tuple(m["a_axes"]),
-              stack=m["stack"], rslora=m["rslora"]))
+              stack=m["stack"], rslora=m["rslora"], m=v.get("m"), residual=m.get("residual")))
   for ps, m in meta["trainable"].items():
     _put(out, m.get("keys", ps.split("/")), Trainable(arrays[m["key"]]["value"]))
   return out
@@ -759,6 +796,8 @@ def _items(directory, meta, target, opt_state, check_base):
     for m in meta["adapters"].values():
       abstract[m["key"]] = {"a": _abstract(None, m["a_shape"], m["dtype"]),
                             "b": _abstract(None, m["b_shape"], m.get("b_dtype", m["dtype"]))}
+      if "m_shape" in m:
+        abstract[m["key"]]["m"] = _abstract(None, m["m_shape"], m["m_dtype"])
     for m in meta["trainable"].values():
       abstract[m["key"]] = {"value": _abstract(None, m["shape"], m["dtype"])}
     entries = None
@@ -771,7 +810,8 @@ def _items(directory, meta, target, opt_state, check_base):
     for e in entries:
       x = e.node
       if e.kind == "lora":
-        abstract[meta["adapters"][e.path]["key"]] = {"a": _abstract(x.a), "b": _abstract(x.b)}
+        abstract[meta["adapters"][e.path]["key"]] = {
+            k: _abstract(v) for k, v in _lora_arrays(x).items()}
       else:
         abstract[meta["trainable"][e.path]["key"]] = {"value": _abstract(x.value)}
   items[_ADAPTER] = ocp.args.StandardRestore(abstract)
@@ -893,7 +933,7 @@ def restore(directory: str | os.PathLike, target: Any = None, *, opt_state: Any 
       e = by_path.get(ps)
       if e is not None and e.kind == "lora":
         v = arrays[meta["adapters"][ps]["key"]]
-        new.append(dataclasses.replace(x, a=v["a"], b=v["b"]))
+        new.append(dataclasses.replace(x, a=v["a"], b=v["b"], m=v.get("m")))
       elif e is not None:
         new.append(Trainable(arrays[meta["trainable"][ps]["key"]]["value"]))
       else:

@@ -14,7 +14,7 @@ from jlora._src.qarray import Quantized
 
 @dataclasses.dataclass(frozen=True)
 class LoRA:
-  """A frozen kernel `w` with a trainable low-rank update `scale * a @ b`.
+  """A frozen kernel `w` with a trainable low-rank update `scale * a @ b` (and DoRA's `m`).
 
   The kernel's axes (after `stack` leading stack axes, which `w`, `a` and `b`
   share) are split into the *A axes* (`a_axes`, in kernel order) and the *B axes*
@@ -24,8 +24,20 @@ class LoRA:
       b.shape == stack_shape + (rank,) + tuple(kernel.shape[i] for i in b_axes)
       w_effective = w + scale * (a @ b), axes put back in kernel order
 
-  `w`, `a` and `b` are pytree children, so `jax.tree_util.keystr` shows paths
-  such as `['dense']['kernel'].a`; everything else is static metadata.
+  `w`, `a`, `b` and `m` are pytree children, so `jax.tree_util.keystr` shows
+  paths such as `['dense']['kernel'].a`; everything else is static metadata.
+
+  DoRA (`m` not None): `m` is a trainable magnitude with one value per element
+  of the B axes (`m.shape == stack_shape + tuple(kernel.shape[i] for i in
+  b_axes)`), and the effective weight is rescaled to it::
+
+      v = w + scale * (a @ b)
+      w_effective = v * m / norm(v)     # the norm over the A axes, per B-axes element
+
+  For a 2-D `(in, out)` kernel that is PEFT's DoRA, one magnitude per output
+  feature. The norm is treated as a constant in the gradient (DoRA's section
+  4.3; PEFT detaches it likewise): `a`, `b` and `m` get gradients through the
+  numerator only.
 
   Attributes:
     w: the frozen original weight.
@@ -35,6 +47,11 @@ class LoRA:
     a_axes: the kernel axes (not counting stack axes) spanned by `a`.
     stack: the number of leading stack axes shared by `w`, `a` and `b`.
     rslora: if True the scale is alpha/sqrt(rank), else alpha/rank.
+    m: DoRA's trainable magnitude, or None (plain LoRA).
+    residual: `"pissa"`, `"pissa_niter_<n>"` or `"olora"` when `w` is not the
+      original weight but its residual after that init took the principal part
+      into `a @ b` (`jlora.apply(..., init="pissa")`); None otherwise. It tells
+      `jlora.hf.export_peft` to write the adapter as PEFT writes such an adapter.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -53,6 +70,13 @@ class LoRA:
   a_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   stack: int = dataclasses.field(default=0, metadata=dict(static=True))
   rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  m: Any = None
+  residual: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  @property
+  def dora(self) -> bool:
+    """Whether the leaf is DoRA (carries a magnitude `m`)."""
+    return self.m is not None
 
   @property
   def rank(self) -> int:
@@ -94,9 +118,15 @@ class LoRA:
     """`scale * a @ b` in the kernel's axis order (adapter dtype)."""
     return lora_delta(self.a, self.b, self.a_axes, self.stack, self.scale)
 
+  def effective(self) -> jax.Array:
+    """The effective weight: `w + scale * a @ b` (DoRA: rescaled to `m`), in `w`'s dtype."""
+    return effective_weight(self.w, self.a, self.b, self.m, self.a_axes, self.stack, self.scale)
+
   def __repr__(self) -> str:  # compact: shapes, not values
+    extra = "" if self.m is None else f", m={_desc(self.m)}"
+    extra += "" if self.residual is None else f", residual={self.residual!r}"
     return (f"LoRA(w={_desc(self.w)}, a={_desc(self.a)}, b={_desc(self.b)}, alpha={self.alpha}, "
-            f"a_axes={self.a_axes}, stack={self.stack}, rslora={self.rslora})")
+            f"a_axes={self.a_axes}, stack={self.stack}, rslora={self.rslora}{extra})")
 
   # A LoRA leaf is a pytree node, never an array: `jnp.asarray(leaf)`, `x @ leaf`, or a jlora
   # tree passed to a function that is not wrapped in `jlora.lora` (a Flax `model.apply`) land
@@ -249,3 +279,29 @@ def lora_delta(a, b, a_axes, stack, scale):
   b_sub = s + "r" + "".join(k[i] for i in b_axes)
   ab = jnp.einsum(f"{a_sub},{b_sub}->{s}{k}", a, b, precision=jax.lax.Precision.HIGHEST)
   return ab * jnp.asarray(scale, ab.dtype)
+
+
+def dora_norm(v, a_axes, stack):
+  """The norm of `v` (stack axes in front) over its A axes, per element of the others."""
+  axes = tuple(stack + i for i in a_axes)
+  return jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=axes))
+
+
+def dora_scale(m, norm):
+  """DoRA's `m / norm` in float32, the norm held constant for the gradient (as PEFT does)."""
+  return m.astype(jnp.float32) / jax.lax.stop_gradient(norm.astype(jnp.float32))
+
+
+def effective_weight(w, a, b, m, a_axes, stack, scale):
+  """`w + scale * a @ b` in `w`'s dtype (the sum in the promoted dtype), DoRA-rescaled when `m`
+  is given. A quantized `w` is dequantized first."""
+  if isinstance(w, Quantized):
+    w = w.dequantize()
+  d = lora_delta(a, b, a_axes, stack, scale)
+  ct = jnp.promote_types(w.dtype, d.dtype)
+  v = w.astype(ct) + d.astype(ct)
+  if m is None:
+    return v.astype(w.dtype)
+  scale_v = dora_scale(m, dora_norm(v, a_axes, stack))
+  scale_v = jnp.expand_dims(scale_v, tuple(stack + i for i in a_axes))
+  return (v.astype(jnp.float32) * scale_v).astype(w.dtype)

@@ -42,7 +42,8 @@ def labels(tree: Any) -> Any:
     if isinstance(x, LoRA):
       return dataclasses.replace(x, w=frozen(x.w),
                                  a=None if x.a is None else TRAIN,
-                                 b=None if x.b is None else TRAIN)
+                                 b=None if x.b is None else TRAIN,
+                                 m=None if x.m is None else TRAIN)
     if isinstance(x, Trainable):
       return Trainable(None if x.value is None else TRAIN)
     return None if x is None else FREEZE
@@ -58,8 +59,8 @@ def _trainable_values(tree):
   for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
     ps = P.path_str(path)
     if isinstance(x, (LoRA, LoRAStack)):
-      for name in ("a", "b"):
-        v = getattr(x, name)
+      for name in ("a", "b", "m"):
+        v = getattr(x, name, None)
         if v is not None:
           yield f"{ps}/{name}", v
     elif isinstance(x, Trainable) and x.value is not None:
@@ -277,6 +278,45 @@ def optimizer(tx: optax.GradientTransformation, tree: Any = None) -> optax.Gradi
     require_trainable(tree, "jlora.optimizer")
   return optax.partition({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
 
+
+
+def lora_plus(ratio: float = 16.0) -> optax.GradientTransformation:
+  """LoRA+: multiplies the updates of every `LoRA.b` (and nothing else) by `ratio`.
+
+  Chained after an optimizer whose update is proportional to its learning rate
+  (SGD, Adam, AdamW with its decoupled weight decay, any schedule), it trains
+  `b` with learning rate `ratio·lr` and everything else with `lr`: LoRA+
+  (Hayou et al., 2024; PEFT's `create_loraplus_optimizer`, `loraplus_lr_ratio`;
+  PEFT also gives 1-D parameters such as DoRA's magnitude the higher rate,
+  this gives it to `b` only). It keeps no state; wrap the chain in
+  `jlora.optimizer` (or pass it to `jlora.train_step`, which does), so frozen
+  weights still get no update and no state.
+
+  Args:
+    ratio: the learning-rate ratio of `b` to `a` (the paper suggests 2**4).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jlora
+    >>> t = jlora.apply({"q_proj": jnp.ones((4, 6))}, rank=2)
+    >>> tx = jlora.optimizer(optax.chain(optax.sgd(0.1), jlora.lora_plus(16.0)))
+    >>> g = jax.tree.map(jnp.ones_like, t)
+    >>> u, _ = tx.update(g, tx.init(t), t)
+    >>> [round(float(getattr(u["q_proj"], n)[0, 0]), 4) for n in ("a", "b", "w")]
+    [-0.1, -1.6, 0.0]
+  """
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+    raise TypeError(f"jlora.lora_plus: ratio={ratio!r} must be a finite number, e.g. 16.0.")
+
+  def scale_b(x):
+    if isinstance(x, LoRA) and x.b is not None and hasattr(x.b, "shape"):
+      return dataclasses.replace(x, b=x.b * jnp.asarray(ratio, x.b.dtype))
+    return x
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(scale_b, updates, is_leaf=is_node), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 # --------------------------------------------------------------------------- state layout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._src import paths as P
+from jlora._src.apply import dora_magnitude, residual_init
 from jlora._src.leaf import LoRA, Trainable, is_node
 from jlora._src.tree import merge
 
@@ -26,6 +28,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])"
                      r"(?:\.(?P<name>[A-Za-z0-9_-]+))?\.weight$")
+# DoRA's magnitude: '<module>.lora_magnitude_vector' as PEFT saves it, with '.<name>.weight'
+# in a live model's state dict.
+_MAG_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector"
+                     r"(?:\.(?P<name>[A-Za-z0-9_-]+)\.weight)?$")
+_MAG = "M"
 
 
 def _resolve(key_map, fn: str) -> KeyMap:
@@ -113,7 +120,13 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: KeyMap,
   become one PEFT module per slice; `a`/`b` are transposed to PEFT's
   `lora_A (r, in)`/`lora_B (out, r)`. Ranks and alphas that differ between
   targets go to `rank_pattern`/`alpha_pattern`, each anchored (`^`) to its one
-  module.
+  module. DoRA leaves write `use_dora` and each module's
+  `lora_magnitude_vector`; a tree made with `init="pissa"`/`"olora"` (its `w`
+  the residual) writes that `init_lora_weights`, so PEFT, loading the adapter
+  onto the original base model, rebuilds the same residual (as it does for
+  its own unconverted PiSSA/OLoRA adapters). To share a plain LoRA adapter
+  instead, convert it in PEFT (`save_pretrained(...,
+  path_initial_model_for_weight_conversion=...)`).
 
   Args:
     directory: the adapter directory (created if needed).
@@ -134,8 +147,9 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: KeyMap,
     ValueError: no LoRA leaf; a `Trainable` leaf (PEFT LoRA files hold LoRA
       factors only); a kernel that is not 2-D or not `(in, out)`; a path the
       key map does not name; a stack count that does not match the name's
-      `{}` fields; LoRA leaves that mix `rslora`; an alpha that is not a finite
-      number (the config is strict JSON).
+      `{}` fields; LoRA leaves that mix `rslora`, DoRA and plain LoRA, or
+      residual inits; an alpha that is not a finite number (the config is strict
+      JSON).
     FileExistsError: the adapter files exist and `overwrite` is False.
 
   Example:
@@ -152,7 +166,7 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: KeyMap,
   directory = os.fspath(os.path.abspath(directory))
   tensors: dict[str, np.ndarray] = {}
   modules: dict[str, tuple[int, float]] = {}
-  rslora = set()
+  rslora, dora, residual = set(), set(), set()
   for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
     ps = P.path_str(path)
     if isinstance(x, Trainable):
@@ -199,7 +213,10 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: KeyMap,
           f"weight NaN or inf, and is no valid JSON). Rebuild the leaf with a finite alpha, e.g. "
           f"jlora.apply(params, ..., alpha=16.0).")
     rslora.add(bool(x.rslora))
+    dora.add(x.m is not None)
+    residual.add(x.residual)
     a, b = _np(x.a, dtype), _np(x.b, dtype)
+    mag = None if x.m is None else _np(x.m, dtype)
     for idx in np.ndindex(*a.shape[:x.stack]):
       module = name.format(*idx)[:-len(".weight")]
       if module in modules:
@@ -208,12 +225,25 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: KeyMap,
       modules[module] = (x.rank, float(x.alpha))
       tensors[f"{_PREFIX}{module}.lora_A.weight"] = a[idx].T
       tensors[f"{_PREFIX}{module}.lora_B.weight"] = b[idx].T
+      if mag is not None:
+        tensors[f"{_PREFIX}{module}.lora_magnitude_vector"] = mag[idx]
   if not modules:
     raise ValueError("jlora.hf.export_peft: the tree holds no jlora.LoRA leaf, so there is no "
                      "adapter to export. Call jlora.apply(params, ...) first.")
   if len(rslora) > 1:
     raise ValueError("jlora.hf.export_peft: some LoRA leaves use rslora and some do not; a PEFT "
                      "config has a single use_rslora flag. Build the tree with one setting.")
+  if len(dora) > 1:
+    raise ValueError("jlora.hf.export_peft: some LoRA leaves are DoRA (they have a magnitude m) "
+                     "and some are not; a PEFT config has a single use_dora flag. Build the tree "
+                     "with one setting (jlora.apply(..., dora=True) for all targets, or none).")
+  if len(residual) > 1:
+    raise ValueError(
+        f"jlora.hf.export_peft: the LoRA leaves were made with different inits "
+        f"({sorted(map(str, residual))}: LoRA.residual); a PEFT config has a single "
+        f"init_lora_weights, and PEFT rebuilds the residual weights from it when it loads the "
+        f"adapter. Build the tree with one init.")
+  init = residual.pop()
   r = collections.Counter(v[0] for v in modules.values()).most_common(1)[0][0]
   alpha = collections.Counter(v[1] for v in modules.values()).most_common(1)[0][0]
   config = {
@@ -231,10 +261,11 @@ def export_peft(directory: str | os.PathLike, tree: Any, *, key_map: KeyMap,
       "lora_dropout": 0.0,
       "bias": "none",
       "fan_in_fan_out": False,
-      "init_lora_weights": True,
+      # PEFT rebuilds the residual of a PiSSA/OLoRA adapter from the base weights it loads it on
+      "init_lora_weights": True if init is None else init,
       "inference_mode": True,
       "modules_to_save": None,
-      "use_dora": False,
+      "use_dora": dora.pop(),
       "layers_to_transform": None,
       "layers_pattern": None,
   }
@@ -264,10 +295,9 @@ _NO_EFFECT = frozenset({
 _READ = frozenset({
     "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights",
     "bias", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-    "modules_to_save"})
+    "modules_to_save", "use_dora"})
 # Fields that, when set, make PEFT compute something a jlora.LoRA leaf does not.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (a learned magnitude rescales each output; jlora has no DoRA yet)",
     "lora_bias": "a trained bias beside lora_B",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D) base weights",
     "alora_invocation_tokens": "Activated LoRA (the adapter acts only from its invocation "
@@ -300,6 +330,22 @@ def _init_kind(v) -> str:
   if v.startswith(("pissa", "corda")) or v.lower() == "olora" or v == "lora_ga":
     return "residual"
   return "loftq" if v == "loftq" else "unknown"
+
+
+def _rebuilt_init(v) -> str | None:
+  """The residual init import_peft rebuilds as PEFT does ('pissa', 'olora'), else None."""
+  if isinstance(v, str) and v == "pissa":
+    return "pissa"
+  if isinstance(v, str) and v.lower() == "olora":
+    return "olora"
+  return None
+
+
+def _why_not_rebuilt(v) -> str:
+  if isinstance(v, str) and v.startswith("pissa_niter_"):
+    return ("PEFT's 'pissa_niter_<n>' draws a random sketch from torch's generator when it "
+            "loads the adapter, which jlora cannot reproduce")
+  return "this init needs data or state the adapter does not hold"
 
 
 def _is_int(x) -> bool:
@@ -353,12 +399,13 @@ def _check_config(cfg: dict, cfg_path: str) -> None:
           f"from the config if it does not, or: {_MERGE_FIX}.")
   init = cfg.get("init_lora_weights")
   kind = _init_kind(init)
-  if kind == "residual":
+  if kind == "residual" and _rebuilt_init(init) is None:
     raise ValueError(
         f"jlora.hf.import_peft: {cfg_path!r} has init_lora_weights={init!r}: PEFT trains such an "
         f"adapter on residual base weights (the base weights minus the adapter's initial "
-        f"product) and rebuilds them when it loads the adapter; jlora does not rebuild them yet, "
-        f"so the imported weights would differ from PEFT's. Convert the adapter to plain LoRA "
+        f"product) and rebuilds them when it loads the adapter; jlora rebuilds them for 'pissa' "
+        f"and 'olora' only ({_why_not_rebuilt(init)}), so the imported weights would differ "
+        f"from PEFT's. Convert the adapter to plain LoRA "
         f"with PEFT first: peft_model.save_pretrained(out_dir, "
         f"path_initial_model_for_weight_conversion=<the adapter saved right after "
         f"initialization>) (PEFT's 'convert PiSSA/OLoRA/CorDA to LoRA'; the result says "
@@ -392,8 +439,9 @@ def _check_config(cfg: dict, cfg_path: str) -> None:
       _check_regex(cfg_path, f"{field} key", key, lambda k: rf"(.*\.)?({k})$")
       if not ok(value):
         raise bad(f"{field}[{key!r}]={value!r}", f"each value must be a {kind}.")
-  if not isinstance(cfg.get("use_rslora", False), bool):
-    raise bad(f"use_rslora={cfg['use_rslora']!r}", "it must be true or false.")
+  for flag in ("use_rslora", "use_dora"):
+    if not isinstance(cfg.get(flag, False), bool):
+      raise bad(f"{flag}={cfg[flag]!r}", "it must be true or false.")
   if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
     raise bad(f"bias={cfg['bias']!r}", "PEFT takes 'none', 'all' or 'lora_only'.")
   _check_names(cfg, cfg_path, "target_modules", regex_ok=True)
@@ -459,8 +507,6 @@ def _read_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
 def _tensor_kind(key: str) -> str:
   if key.endswith(".bias"):
     return "a bias (PEFT's bias='all'/'lora_only', or lora_bias)"
-  if "lora_magnitude_vector" in key:
-    return "DoRA's magnitude vector"
   if "lora_embedding_" in key:
     return "a LoRA factor of an embedding layer"
   if "trainable_tokens" in key:
@@ -484,6 +530,10 @@ def _split_keys(raw: dict[str, np.ndarray], adapter_name: str | None, w_path: st
       lambda: collections.defaultdict(dict))
   for k, v in raw.items():
     m = _KEY_RE.match(k)
+    mag = _MAG_RE.match(k) if m is None else None
+    if mag is not None:
+      found[mag["name"]][mag["module"]][_MAG] = v
+      continue
     if m is None:
       raise ValueError(
           f"jlora.hf.import_peft: the adapter holds the tensor {k!r}, which is not a "
@@ -512,7 +562,7 @@ def _split_keys(raw: dict[str, np.ndarray], adapter_name: str | None, w_path: st
         f"adapter_name=None for a file of one adapter.")
   halves = dict(found.get(chosen, {}))
   for module, h in halves.items():
-    if set(h) != {"A", "B"}:
+    if not {"A", "B"} <= set(h):
       missing = "lora_B" if "A" in h else "lora_A"
       raise ValueError(f"jlora.hf.import_peft: the adapter has no {missing} for {module!r}; the "
                        f"file is incomplete. Save the adapter again.")
@@ -584,6 +634,11 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: KeyMap,
   `b = lora_B.T`, PEFT's alpha (`lora_alpha` or `alpha_pattern`) and
   `use_rslora`. A stacked kernel gathers the modules of all its slices; slices
   the adapter does not cover (PEFT's `layers_to_transform`) get zero adapters.
+  A DoRA adapter (`use_dora`) gives DoRA leaves with `m` its
+  `lora_magnitude_vector`. An adapter saved with `init_lora_weights="pissa"` or
+  `"olora"` (not converted) imports as PEFT loads it: the frozen `w` becomes the
+  residual PEFT rebuilds from the base weights (`jlora.apply`'s init of that
+  name, with the adapter's rank and scale), and `a`, `b` the trained factors.
 
   The adapter either imports to the weights PEFT loads it to, or is refused:
   the config's rank (`r`, `rank_pattern`) must be the tensors', alphas finite
@@ -591,9 +646,10 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: KeyMap,
   (`target_modules`, `exclude_modules`, `layers_to_transform`,
   `modules_to_save`, as PEFT reads them), and the config may not ask for what a
   `jlora.LoRA` leaf does not compute: an `init_lora_weights` that changes the
-  base weights (`"pissa"`, `"olora"`, `"corda"`, `"lora_ga"`: convert the
+  base weights in a way jlora does not rebuild (`"pissa_niter_<n>"`, whose
+  random sketch PEFT draws anew as it loads, `"corda"`, `"lora_ga"`: convert the
   adapter to plain LoRA with PEFT's `save_pretrained(...,
-  path_initial_model_for_weight_conversion=...)` first; `"loftq"`), DoRA, LoRA
+  path_initial_model_for_weight_conversion=...)` first; `"loftq"`), LoRA
   biases, trainable tokens, Activated LoRA and the like, or an option jlora
   does not know.
 
@@ -680,6 +736,9 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: KeyMap,
     i, idx = owner[module][0]
     by_leaf[i][idx] = module
   rslora = bool(cfg.get("use_rslora", False))
+  dora = bool(cfg.get("use_dora", False))
+  _check_magnitudes(halves, dora, cfg_path)
+  residual = _rebuilt_init(cfg.get("init_lora_weights"))
   out = [x for _, x in flat]
   for i, slices in by_leaf.items():
     path, w = flat[i]
@@ -729,9 +788,55 @@ def import_peft(directory: str | os.PathLike, params: Any, *, key_map: KeyMap,
     for idx, module in slices.items():
       a[idx] = halves[module]["A"].astype(np.float32).T
       b[idx] = halves[module]["B"].astype(np.float32).T
-    out[i] = LoRA(w=w, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), alpha=alpha,
-                  a_axes=(0,), stack=n, rslora=rslora)
+    leaf = LoRA(w=w, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), alpha=alpha,
+                a_axes=(0,), stack=n, rslora=rslora)
+    out[i] = _imported_variant(leaf, slices, halves, dora, residual, ps, dtype)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_magnitudes(halves, dora: bool, cfg_path: str) -> None:
+  """DoRA adapters hold a magnitude for every module; others hold none."""
+  for module, h in halves.items():
+    if dora and _MAG not in h:
+      raise ValueError(
+          f"jlora.hf.import_peft: {cfg_path!r} sets use_dora=true, but the adapter holds no "
+          f"lora_magnitude_vector for {module!r}; the file is incomplete. Save the adapter "
+          f"again.")
+    if not dora and _MAG in h:
+      raise ValueError(
+          f"jlora.hf.import_peft: the adapter holds DoRA's lora_magnitude_vector for {module!r}, "
+          f"but {cfg_path!r} does not set use_dora=true, so PEFT ignores it; the config and the "
+          f"tensors disagree. Set use_dora in the config if the adapter was trained with DoRA, "
+          f"or remove the magnitude tensors.")
+
+
+def _imported_variant(leaf: LoRA, slices, halves, dora: bool, residual, ps, dtype) -> LoRA:
+  """`leaf` with the residual PEFT rebuilds from the base (PiSSA/OLoRA) and DoRA's magnitude.
+
+  PEFT adapts only the covered slices of a stacked kernel; the others keep their weights (a
+  residual init leaves them whole, and DoRA's magnitude there is the weight's own norm, so
+  with their zero adapters they compute the weights unchanged)."""
+  n, w = leaf.stack, leaf.w
+  covered = np.zeros(tuple(w.shape[:n]), bool)
+  for idx in slices:
+    covered[idx] = True
+  if residual is not None:
+    # PEFT's pissa_init/olora_init run on the base weight with the adapter's rank and scale
+    w_res, _, _ = residual_init(w, residual, leaf.rank, leaf.scale, leaf.a_axes, n)
+    mask = jnp.asarray(covered.reshape(covered.shape + (1,) * (w.ndim - n)))
+    leaf = dataclasses.replace(leaf, w=jnp.where(mask, w_res, w), residual=residual)
+  if dora:
+    mag = np.array(dora_magnitude(leaf), np.float32)  # the weight's norm where not covered
+    for idx, module in slices.items():
+      got = halves[module][_MAG]
+      if got.shape != mag[idx].shape:
+        raise ValueError(
+            f"jlora.hf.import_peft: {module!r} has lora_magnitude_vector of shape "
+            f"{tuple(got.shape)}, which does not fit the kernel at {ps!r}: expected "
+            f"{tuple(mag[idx].shape)} (one per output feature).")
+      mag[idx] = got.astype(np.float32)
+    leaf = dataclasses.replace(leaf, m=jnp.asarray(mag, dtype))
+  return leaf
 
 
 # ----------------------------------------------------------------------------- merged export

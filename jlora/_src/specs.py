@@ -94,6 +94,14 @@ def adapter_specs(w_spec: Sequence[Any], a_axes: Sequence[int], stack: int, ndim
   return _trim(a), _trim(b)
 
 
+def magnitude_spec(b_spec: PartitionSpec, stack: int) -> PartitionSpec:
+  """DoRA's magnitude `m` (stack and B axes) laid out as `b` without its rank axis: as the
+  weight's B axes."""
+  bs = tuple(b_spec)
+  bs = bs + (None,) * max(0, stack + 1 - len(bs))
+  return _trim(PartitionSpec(*bs[:stack], *bs[stack + 1:]))
+
+
 def _trim(spec: PartitionSpec) -> PartitionSpec:
   """Drops trailing `None` entries, so equal layouts compare equal."""
   t = tuple(spec)
@@ -138,7 +146,7 @@ class _Walker:
   def _record(self, ps, value, spec):
     """Notes `(path, adapter name or None, shape, spec)` of each array laid out, for checks."""
     if isinstance(value, LoRA) and isinstance(spec, LoRA):
-      for name in ("w", "a", "b"):
+      for name in ("w", "a", "b", "m"):
         v, s = getattr(value, name), getattr(spec, name)
         if isinstance(s, PartitionSpec) and hasattr(v, "shape"):
           self.seen.append((f"{ps}/{name}", name if name != "w" else None, tuple(v.shape), s))
@@ -180,15 +188,19 @@ class _Walker:
     if x.w is None:  # the trainable half: no weight to derive from; the adapters' own layout
       a_spec = self.array_spec(ps + ".a", x.a) if x.a is not None else None
       b_spec = self.array_spec(ps + ".b", x.b) if x.b is not None else None
+      m_spec = self.array_spec(ps + ".m", x.m) if x.m is not None else None
       if meta_spec is not None or ps in self.base:
         a_spec, b_spec = self._derived(ps, meta_spec, x, ndim)
+        m_spec = magnitude_spec(b_spec, x.stack)
       return dataclasses.replace(x, a=a_spec if x.a is not None else None,
-                                 b=b_spec if x.b is not None else None)
+                                 b=b_spec if x.b is not None else None,
+                                 m=m_spec if x.m is not None else None)
     a_spec, b_spec = self._derived(ps, tuple(w_spec), x, ndim)
     if isinstance(x.w, Quantized):
       w_spec = quantized_specs(tuple(w_spec), x.w)
     return dataclasses.replace(x, w=w_spec, a=a_spec if x.a is not None else None,
-                               b=b_spec if x.b is not None else None)
+                               b=b_spec if x.b is not None else None,
+                               m=magnitude_spec(b_spec, x.stack) if x.m is not None else None)
 
   def _derived(self, ps, w_spec, x, ndim):
     if self.adapters == "replicated":

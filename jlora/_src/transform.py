@@ -70,7 +70,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jlora._src import compat, paths as P
-from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_node, lora_delta
+from jlora._src.leaf import LoRA, LoRAStack, Trainable, dora_scale, is_node, lora_delta
 from jlora._src.qarray import Quantized
 
 
@@ -89,6 +89,7 @@ class _LV:
   a_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   stack: int = dataclasses.field(metadata=dict(static=True))
   path: str = dataclasses.field(metadata=dict(static=True))
+  v: Any = None  # DoRA: m / norm (float32, constant for the gradient), stack + B axes; else None
 
   @property
   def b_axes(self):
@@ -218,7 +219,10 @@ def _dense(lv: _LV) -> jax.Array:
   w = _weight(lv.w)
   d = lora_delta(lv.a, lv.b, lv.a_axes, lv.stack, lv.scale)
   ct = jnp.promote_types(w.dtype, d.dtype)
-  return (w.astype(ct) + d.astype(ct)).astype(w.dtype)
+  dense = w.astype(ct) + d.astype(ct)
+  if lv.v is not None:  # DoRA: the columns rescaled (v broadcast over the A axes)
+    dense = dense * jnp.expand_dims(lv.v, tuple(lv.stack + i for i in lv.a_axes)).astype(ct)
+  return dense.astype(w.dtype)
 
 
 def _is_lv(x) -> bool:
@@ -340,7 +344,7 @@ def lora(fn: Callable[..., Any], *, strict: bool = False, fold: str = "auto"
               f"jlora.lora: the LoRA leaf at {_arg_path(path)!r} has a missing field (w, a or "
               f"b is None): it is one half of jlora.split. Pass jlora.combine(trainable, "
               f"frozen).")
-        lv = _LV(x.w, x.a, x.b, x.scale, x.a_axes, x.stack, _arg_path(path))
+        lv = _lv_of(x, _arg_path(path))
         w = jax.ShapeDtypeStruct(x.w.shape, x.w.dtype) if _is_q(x.w) else x.w
         dyn_pos.append(i), dyn_vals.append(lv), trace_vals.append(w)
         where.append(x.w.codes if _is_q(x.w) else x.w)
@@ -368,6 +372,40 @@ def lora(fn: Callable[..., Any], *, strict: bool = False, fold: str = "auto"
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped
+
+
+def _lv_of(x: LoRA, path: str) -> _LV:
+  """The interpreter's value of a LoRA leaf; for DoRA with `v = m / norm`, the norm computed
+  factored (`dora_norm_factored`)."""
+  v = None
+  if x.m is not None:
+    w = x.w.dequantize() if _is_q(x.w) else x.w  # (a quantized base: dequantized for the norm)
+    v = dora_scale(x.m, dora_norm_factored(w, x.a, x.b, x.a_axes, x.stack, x.scale))
+  return _LV(x.w, x.a, x.b, x.scale, x.a_axes, x.stack, path, v)
+
+
+def dora_norm_factored(w, a, b, a_axes, stack, scale) -> jax.Array:
+  """The norm of `w + s·a@b` over the A axes, per stack and B-axes element, without forming
+  the sum: `‖w_j‖² + 2s·(aᵀw)_j·b_j + s²·b_jᵀ(aᵀa)b_j` (float32; `aᵀw` is rank x B, `aᵀa`
+  rank x rank). The adapters enter with `stop_gradient`: DoRA's norm is a constant for the
+  gradient."""
+  a = lax.stop_gradient(a).astype(jnp.float32)
+  b = lax.stop_gradient(b).astype(jnp.float32)
+  nd = w.ndim - stack
+  b_axes = [i for i in range(nd) if i not in a_axes]
+  st = _LETTERS[:stack]
+  k = _LETTERS[stack:stack + nd]
+  ka = "".join(k[i] for i in a_axes)
+  kb = "".join(k[i] for i in b_axes)
+  hi = lax.Precision.HIGHEST
+  f32 = jnp.float32
+  ww = jnp.sum(jnp.square(w.astype(f32)), axis=tuple(stack + i for i in a_axes))
+  aw = jnp.einsum(f"{st}{ka}r,{st}{k}->{st}r{kb}", a.astype(w.dtype), w, precision=hi,
+                  preferred_element_type=f32)
+  g = jnp.einsum(f"{st}{ka}r,{st}{ka}R->{st}rR", a, a, precision=hi)  # 'R' is not a letter
+  gb = jnp.einsum(f"{st}rR,{st}R{kb}->{st}r{kb}", g, b, precision=hi)  # of _LETTERS
+  sq = ww + 2.0 * scale * jnp.sum(aw * b, axis=stack) + scale * scale * jnp.sum(gb * b, axis=stack)
+  return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
 def _arg_path(path) -> str:
@@ -450,6 +488,41 @@ def _rule(*names, quantized=False):
 _LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQSTUVWXYZ"  # 'r' is the rank
 
 
+def _broadcast_to_axes(v, positions, ndim):
+  """`v` with its axes moved to `positions` of an `ndim`-axis array, ones elsewhere."""
+  order = sorted(range(len(positions)), key=lambda k: positions[k])
+  vt = jnp.transpose(v, order)
+  shape = [1] * ndim
+  for k in order:
+    shape[positions[k]] = v.shape[k]
+  return vt.reshape(shape)
+
+
+def _dora_dot_general(ctx, eqn, lhs, rhs):
+  """A DoRA weight `W·v` (v over the stack and B axes): the plain factored matmul of `W`, with
+  `v` multiplying the output where it keeps all of v's axes (`x·W`), else `x` where it holds
+  them all (`x·Wᵀ`: the B axes contracted); None (materialize) when they are split."""
+  lv_is_lhs = _is_lv(lhs)
+  lv, x = (lhs, rhs) if lv_is_lhs else (rhs, lhs)
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  wc, xc = (lc, rc) if lv_is_lhs else (rc, lc)
+  wb, xb = (lb, rb) if lv_is_lhs else (rb, lb)
+  v_axes = list(range(lv.stack)) + [lv.stack + i for i in lv.b_axes]
+  w_free = [i for i in range(lv.w.ndim) if i not in wc and i not in wb]
+  n_x_free = x.ndim - len(xc) - len(xb)
+  plain = lv.replace(v=None)
+  if not any(i in wc for i in v_axes):  # all of v's axes reach the output
+    first = 0 if lv_is_lhs else n_x_free
+    pos = [wb.index(i) if i in wb else len(wb) + first + w_free.index(i) for i in v_axes]
+    y = _dot_general(ctx, eqn, [plain, x] if lv_is_lhs else [x, plain])
+    return y * _broadcast_to_axes(lv.v, pos, y.ndim).astype(y.dtype)
+  if all(i in wc or i in wb for i in v_axes):  # all of them are x's axes
+    pos = [xc[list(wc).index(i)] if i in wc else xb[list(wb).index(i)] for i in v_axes]
+    xs = x * _broadcast_to_axes(lv.v, pos, x.ndim).astype(x.dtype)
+    return _dot_general(ctx, eqn, [plain, xs] if lv_is_lhs else [xs, plain])
+  return None
+
+
 @_rule("dot_general", quantized=True)
 def _dot_general(ctx, eqn, invals):
   lhs, rhs = invals
@@ -462,6 +535,8 @@ def _dot_general(ctx, eqn, invals):
     q_is_lhs = _is_qv(lhs)
     qv, x = (lhs, rhs) if q_is_lhs else (rhs, lhs)
     return _qdot(eqn, qv.q, x, q_is_lhs)
+  if _is_lv(lhs) and lhs.v is not None or _is_lv(rhs) and rhs.v is not None:
+    return _dora_dot_general(ctx, eqn, lhs, rhs)
   lv_is_lhs = _is_lv(lhs)
   lv, x = (lhs, rhs) if lv_is_lhs else (rhs, lhs)
   params = dict(eqn.params)
@@ -740,8 +815,9 @@ def _transpose(ctx, eqn, invals):
   b_order = [lv.b_axes.index(kperm[j]) for j in new_b]
   a = jnp.transpose(lv.a, tuple(range(s)) + tuple(s + i for i in a_order) + (lv.a.ndim - 1,))
   b = jnp.transpose(lv.b, tuple(range(s + 1)) + tuple(s + 1 + i for i in b_order))
+  v = None if lv.v is None else jnp.transpose(lv.v, tuple(range(s)) + tuple(s + i for i in b_order))
   w = lv.w.mT if _is_q(lv.w) else _bind(eqn, [lv.w])
-  return lv.replace(w=w, a=a, b=b, a_axes=new_a)
+  return lv.replace(w=w, a=a, b=b, a_axes=new_a, v=v)
 
 
 def _groups(old: tuple[int, ...], new: tuple[int, ...]):
@@ -803,7 +879,8 @@ def _reshape_lv(lv: _LV, new_shape: tuple[int, ...], w_new):
   r = lv.a.shape[-1]
   a = lv.a.reshape(stack_shape + a_dims + (r,))
   b = lv.b.reshape(stack_shape + (r,) + tuple(b_dims))
-  return lv.replace(w=w_new, a=a, b=b, a_axes=a_axes, stack=ns)
+  v = None if lv.v is None else lv.v.reshape(stack_shape + tuple(b_dims))
+  return lv.replace(w=w_new, a=a, b=b, a_axes=a_axes, stack=ns, v=v)
 
 
 @_rule("reshape")
@@ -842,7 +919,8 @@ def _slice(ctx, eqn, invals):
                      [1 if k is None else strides[k] for k in axes])
 
   fa, fb = _factor_axes(lv)
-  return lv.replace(w=_bind(eqn, [lv.w]), a=cut(lv.a, fa), b=cut(lv.b, fb))
+  v = None if lv.v is None else cut(lv.v, [k for k in fb if k is not None])
+  return lv.replace(w=_bind(eqn, [lv.w]), a=cut(lv.a, fa), b=cut(lv.b, fb), v=v)
 
 
 @_rule("dynamic_slice")
@@ -858,7 +936,8 @@ def _dynamic_slice(ctx, eqn, invals):
                              [n if k is None else sizes[k] for k, n in zip(axes, arr.shape)])
 
   fa, fb = _factor_axes(lv)
-  return lv.replace(w=_bind(eqn, [lv.w, *starts]), a=cut(lv.a, fa), b=cut(lv.b, fb))
+  v = None if lv.v is None else cut(lv.v, [k for k in fb if k is not None])
+  return lv.replace(w=_bind(eqn, [lv.w, *starts]), a=cut(lv.a, fa), b=cut(lv.b, fb), v=v)
 
 
 def _row_gather(eqn, d: int) -> bool:
@@ -914,7 +993,10 @@ def _gather(ctx, eqn, invals):
   pos = dn.offset_dims[0]
   rows = jnp.moveaxis(rows, pos, -1).astype(lv.w.dtype) * jnp.asarray(lv.scale, lv.w.dtype)
   y = jnp.moveaxis(rows @ lv.b.astype(lv.w.dtype), -1, pos)
-  return base + y.astype(base.dtype)
+  out = base + y.astype(base.dtype)
+  if lv.v is not None:  # DoRA: each row's columns rescaled
+    out = out * _broadcast_to_axes(lv.v, [pos], out.ndim).astype(out.dtype)
+  return out
 
 
 @_rule("conv_general_dilated")
@@ -935,6 +1017,8 @@ def _conv(ctx, eqn, invals):
   dn = p["dimension_numbers"]
   out_axis, in_axis = dn.rhs_spec[0], dn.rhs_spec[1]
   x_feat, y_feat = dn.lhs_spec[1], dn.out_spec[1]
+  if lv.v is not None and lv.b_axes != (out_axis,):
+    return None  # DoRA's rescaling runs factored on the output features only
   cdt = lv.w.dtype
   a, b = lv.a.astype(cdt), lv.b.astype(cdt)
   # (the factor spanning one feature axis as a (features, r) matrix, the other as a kernel)
@@ -957,7 +1041,10 @@ def _conv(ctx, eqn, invals):
     z = z * jnp.asarray(lv.scale, z.dtype)
   z = checkpoint_name(z.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
   y = pointwise(z, mat.T, y_feat) if conv_first else _bind(eqn, [z, kernel])
-  return base + y.astype(base.dtype)
+  out = base + y.astype(base.dtype)
+  if lv.v is not None:  # DoRA: the output features rescaled
+    out = out * _broadcast_to_axes(lv.v, [y_feat], out.ndim).astype(out.dtype)
+  return out
 
 
 @_rule("rev")
@@ -970,8 +1057,10 @@ def _rev(ctx, eqn, invals):
   stack = tuple(d for d in dims if d < s)
   a_dims = stack + tuple(s + lv.a_axes.index(d - s) for d in dims if d - s in lv.a_axes)
   b_dims = stack + tuple(s + 1 + lv.b_axes.index(d - s) for d in dims if d - s in lv.b_axes)
+  v_dims = tuple(d if d < s else d - 1 for d in b_dims)
+  v = lv.v if lv.v is None or not v_dims else lax.rev(lv.v, v_dims)
   return lv.replace(w=_bind(eqn, [lv.w]), a=lax.rev(lv.a, a_dims) if a_dims else lv.a,
-                    b=lax.rev(lv.b, b_dims) if b_dims else lv.b)
+                    b=lax.rev(lv.b, b_dims) if b_dims else lv.b, v=v)
 
 
 @_rule("pjit", "jit", "closed_call", "core_call", quantized=True)

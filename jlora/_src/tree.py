@@ -8,7 +8,6 @@ import math
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from jlora._src import paths as P
 from jlora._src.leaf import LoRA, LoRAStack, Trainable, is_node
@@ -29,7 +28,7 @@ def _map_nodes(fn, tree):
 def split(tree: Any) -> Split:
   """Splits a jlora tree into `(trainable, frozen)` halves with `None` holes.
 
-  `trainable` keeps `LoRA.a`/`LoRA.b` and `Trainable` values; `frozen` keeps
+  `trainable` keeps `LoRA.a`/`LoRA.b` (and DoRA's `LoRA.m`) and `Trainable` values; `frozen` keeps
   `LoRA.w` and every plain leaf. `jlora.combine(*jlora.split(t))` is `t`.
 
   Example:
@@ -49,8 +48,10 @@ def split(tree: Any) -> Split:
     return None
 
   def frozen(x):
-    if isinstance(x, (LoRA, LoRAStack)):
+    if isinstance(x, LoRAStack):
       return dataclasses.replace(x, a=None, b=None)
+    if isinstance(x, LoRA):
+      return dataclasses.replace(x, a=None, b=None, m=None)
     if isinstance(x, Trainable):
       return Trainable(None)
     return x
@@ -107,14 +108,14 @@ def _first_difference(a, b) -> tuple[str, str]:
   if only_a or only_b:
     return f"paths only in trainable: {only_a[:5]}; only in frozen: {only_b[:5]}", _SAME_TREE
   head = ("same paths but different node types or static LoRA metadata (alpha, a_axes, stack, "
-          "rslora)")
+          "rslora, residual)")
   for ps, x in fa.items():
     y = fb[ps]
     if _kind(x) != _kind(y):
       return f"{head}: at {ps!r}: {_kind(x)} in trainable, {_kind(y)} in frozen", _SAME_TREE
     if not isinstance(x, LoRA):
       continue
-    for name in ("alpha", "a_axes", "stack", "rslora"):
+    for name in ("alpha", "a_axes", "stack", "rslora", "residual"):
       u, v = getattr(x, name), getattr(y, name)
       if isinstance(u, float) and isinstance(v, float) and math.isnan(u) and math.isnan(v):
         return (f"{head}: at {ps!r}: alpha nan in both halves, and nan is never equal to itself",
@@ -133,10 +134,7 @@ def _merge_leaf(x):
   if isinstance(x, Quantized):
     return x.dequantize()
   if isinstance(x, LoRA):
-    w = x.w.dequantize() if isinstance(x.w, Quantized) else x.w
-    d = x.delta()
-    ct = jnp.promote_types(w.dtype, d.dtype)
-    return (w.astype(ct) + d.astype(ct)).astype(w.dtype)
+    return x.effective()
   if isinstance(x, Trainable):
     return x.value
   return x
@@ -164,6 +162,8 @@ def _merge_jit_donate(trainable, frozen):
 
 def merge(tree: Any, *, donate: bool = False) -> Any:
   """Folds every adapter into its weight: `w + scale * a @ b`, cast to `w`'s dtype.
+
+  A DoRA leaf folds to `(w + scale * a @ b) * m / norm`, the norm over the A axes.
 
   `Trainable` leaves are unwrapped; plain leaves pass through. A quantized
   weight (`jlora.quantize`) is dequantized to its dtype (the compute dtype),
@@ -219,8 +219,11 @@ def count(tree: Any) -> Count:
   """Parameter counts `(total, trainable, frozen)`; works on abstract trees too."""
   t = f = 0
   for x in jax.tree_util.tree_leaves(tree, is_leaf=is_node):
-    if isinstance(x, (LoRA, LoRAStack)):
+    if isinstance(x, LoRAStack):
       t += _size(x.a) + _size(x.b)
+      f += _size(x.w)
+    elif isinstance(x, LoRA):
+      t += _size(x.a) + _size(x.b) + _size(x.m)
       f += _size(x.w)
     elif isinstance(x, Trainable):
       t += _size(x.value)
@@ -251,8 +254,8 @@ def summary(tree: Any, *, max_rows: int | None = None) -> str:
     if isinstance(x, LoRA):
       rank = "" if x.rank is None else str(x.rank)
       rows.append((ps, _fmt_shape(x.shape), str(x.dtype), rank,
-                   f"{_size(x.a) + _size(x.b):,} + {_size(x.w):,} frozen"))
-      for name in ("a", "b"):
+                   f"{_size(x.a) + _size(x.b) + _size(x.m):,} + {_size(x.w):,} frozen"))
+      for name in ("a", "b", "m"):
         v = getattr(x, name)
         if v is not None:
           rows.append((f"  .{name}", _fmt_shape(v.shape), str(v.dtype), "", ""))
