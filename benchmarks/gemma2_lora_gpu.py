@@ -78,7 +78,8 @@ def flops_per_token(cfg: G.Gemma2Config, seq: int, full: bool = False) -> float:
   return (6 if full else 4) * cfg.matmul_params + 3 * attn
 
 
-def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4, fold: str = "auto"):
+def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4, fold: str = "auto",
+               dora: bool = False):
   """Returns `(step, state, trainable_count, jitted)`; `step(state, ids) -> (state, loss)`.
 
   `fold` is `jlora.lora`'s (the factored configurations only).
@@ -108,7 +109,8 @@ def build_step(cfg: G.Gemma2Config, spec: dict, params, lr: float = 1e-4, fold: 
     return step, (params, opt_state), n, full_step
 
   stacked = None if cfg.layers == "unstacked" else r"^layers/"
-  tree = jlora.apply(params, rank=spec["rank"], targets=spec["targets"], stacked=stacked)
+  tree = jlora.apply(params, rank=spec["rank"], targets=spec["targets"], stacked=stacked,
+                     dora=dora)
   if spec["mode"] == "fact":
     loss_fn = jlora.lora(model_loss, fold=fold)
   else:  # the merge path: w + s*a@b formed in the step, the model sees plain weights
@@ -248,7 +250,7 @@ def run(args) -> dict:
   leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, jlora.Quantized))
   weight_bytes = sum(nbytes(x) for x in leaves)
   ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
-  step, state, ntrain, jitted = build_step(cfg, spec, params, fold=args.fold)
+  step, state, ntrain, jitted = build_step(cfg, spec, params, fold=args.fold, dora=args.dora)
   del params
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
@@ -277,6 +279,7 @@ def run(args) -> dict:
       suite="jlora", name=args.config + (f"_{args.tag}" if args.tag else ""), config=args.config,
       mode=spec["mode"], rank=spec["rank"], remat=cfg.remat, attention=cfg.attention,
       quantize=args.quantize, double_quant=bool(args.double_quant), weight_bytes=weight_bytes,
+      dora=bool(args.dora),
       layers=cfg.layers, scan_unroll=cfg.scan_unroll,
       loss_chunk=cfg.loss_chunk, logits_dtype=jnp.dtype(cfg.logits_dtype).name,
       loss_math=cfg.loss_math, fold=args.fold, rope_vjp=cfg.rope_vjp,
@@ -344,6 +347,7 @@ def main(argv=None):
   p.add_argument("--tag", default="", help="appended to the row's name")
   p.add_argument("--quantize", default="none", choices=("none", "nf4", "int8", "fp8"),
                  help="the frozen base's kernels quantized with jlora.quantize (QLoRA)")
+  p.add_argument("--dora", action="store_true", help="DoRA (jlora.apply(..., dora=True))")
   p.add_argument("--double-quant", action="store_true", help="with --quantize: QLoRA's double "
                  "quantization of the scales")
   C.add_args(p)

@@ -232,6 +232,25 @@ phase_qlora() {
   job 90 200 peft_qlora16_sdpa $PV qlora16_sdpa
 }
 
+# DoRA (issue 18) and many adapters in one batch (issue 19): jlora's all-linear r=16 step with
+# LoRA and with DoRA, PEFT's DoRA (../shared/bench/peft_variants_bench.py, eager: its
+# torch.compile did not finish compiling, PEERS.md); 16 stacked rank-8 adapters on a mixed batch
+# against one adapter (forward and train step, q,v and all-linear), PEFT's mixed-batch forward
+# with adapter_names, and KV-cache decode with 16 adapters against one.
+phase_variants() {
+  versions
+  local PV="env PYTHONPATH=$SHARED_BENCH $PY $SHARED_BENCH/peft_variants_bench.py"
+  local M="$PY benchmarks/multi_gpu.py"
+  job 65 200 jlora_all16 $J all16
+  job 75 200 jlora_all16_dora $J all16 --dora --tag dora
+  job 60 150 jlora_multi_qv $M train qv $ARGS
+  job 70 150 jlora_multi_all $M train all $ARGS
+  job 70 150 jlora_decode $M decode $ARGS
+  job 40 120 peft_multi $PY benchmarks/baselines/peft_multi.py $ARGS
+  (( TINY )) && return
+  job 60 150 peft_dora16_sdpa $PV dora16_sdpa
+}
+
 # QLoRA on 16 GB: the 8B-shaped model with an NF4 base under a 16 GB allocator cap.
 phase_qlora16gb() {
   versions
@@ -255,7 +274,8 @@ case "$PHASE" in
   check) phase_check ;;
   qlora) phase_qlora ;;
   qlora16gb) phase_qlora16gb ;;
-  *) echo "usage: $0 table|attribution|ablations|profile|check|qlora|qlora16gb [--tiny]" >&2
+  variants) phase_variants ;;
+  *) echo "usage: $0 table|attribution|ablations|profile|check|qlora|qlora16gb|variants [--tiny]" >&2
      exit 2 ;;
 esac
 if [ "$PHASE" = table ] || [ "$PHASE" = attribution ]; then

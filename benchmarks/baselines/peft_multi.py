@@ -1,0 +1,80 @@
+"""PEFT's mixed-adapter batch: one forward with `adapter_names` (one adapter per example).
+
+The peer row of benchmarks/multi_gpu.py: the Gemma-2-2B-shaped `Gemma2ForCausalLM` of
+peft_torch.py (bf16, random init, sdpa), 16 LoRA adapters of rank 8 on q_proj and v_proj (random
+non-zero B), batch 8 x 1024, `torch.no_grad()`. Rows: one adapter active for the whole batch, and
+the mixed batch `model(input_ids, adapter_names=[...])`, which PEFT runs as a loop over the
+examples' adapters (its documented behaviour). Prints one JSON row each (median of rounds).
+
+  python benchmarks/baselines/peft_multi.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import peft
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common as C  # noqa: E402
+from peft_torch import build_model  # noqa: E402
+
+N = 16
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tiny", action="store_true")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--steps", type=int, default=4)
+  a = p.parse_args(argv)
+  dev = "cpu" if a.tiny else "cuda"
+  batch, seq = (4, 32) if a.tiny else (8, 1024)
+  torch.manual_seed(0)
+  model, attn = build_model(C.shape_of(a.tiny), "sdpa", dev, a.tiny)
+  cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        init_lora_weights=False)  # random A and B: every adapter changes outputs
+  model = peft.get_peft_model(model, cfg, adapter_name="a0")
+  for i in range(1, N):
+    model.add_adapter(f"a{i}", cfg)
+  model.to(torch.bfloat16).eval()
+  ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
+  names = [f"a{i}" for i in torch.randint(0, N, (batch,)).tolist()]
+
+  def run(mixed):
+    with torch.no_grad():
+      if mixed:
+        return model(input_ids=ids, adapter_names=names).logits
+      return model(input_ids=ids).logits
+
+  for mixed in (False, True):
+    for _ in range(2):
+      run(mixed)
+    times = []
+    for _ in range(a.rounds):
+      if dev == "cuda":
+        torch.cuda.synchronize()
+      t0 = time.perf_counter()
+      for _ in range(a.steps):
+        run(mixed)
+      if dev == "cuda":
+        torch.cuda.synchronize()
+      times.append((time.perf_counter() - t0) / a.steps)
+    med = statistics.median(times)
+    print(json.dumps(dict(suite="peft_multi", name="forward_16_mixed" if mixed else
+                          "forward_single", adapters=N, step_s=round(med, 4),
+                          step_s_rounds=[round(t, 4) for t in times],
+                          tokens_s=round(batch * seq / med), attention=attn,
+                          peft=peft.__version__, torch=torch.__version__)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
