@@ -79,11 +79,18 @@ def _torch_logits(model, tokens):
     return model(torch.as_tensor(tokens)).logits.numpy()
 
 
+_JITTED = {}
+
+
 def _jlora_logits(smollm2, tree, tokens):
-  """(factored, merged) logits of the jlora tree."""
-  apply = lambda p, t: smollm2.model.apply({"params": p}, t)
-  fact = jax.jit(jlora.lora(apply))(tree, jnp.asarray(tokens))
-  merged = jax.jit(apply)(jlora.merge(tree), jnp.asarray(tokens))
+  """(factored, merged) logits of the jlora tree (one jitted pair per model: trees of one
+  structure share their compilation)."""
+  if id(smollm2.model) not in _JITTED:
+    apply = lambda p, t: smollm2.model.apply({"params": p}, t)
+    _JITTED[id(smollm2.model)] = (jax.jit(jlora.lora(apply)), jax.jit(apply))
+  fact_fn, merged_fn = _JITTED[id(smollm2.model)]
+  fact = fact_fn(tree, jnp.asarray(tokens))
+  merged = merged_fn(jlora.merge(tree), jnp.asarray(tokens))
   return np.asarray(fact), np.asarray(merged)
 
 
