@@ -296,7 +296,7 @@ def remat_policy(name: str):
     return None
   if name == "nothing":
     return jax.checkpoint_policies.nothing_saveable
-  xa = ("jlora_xa",) if name.endswith("_xa") else ()
+  xa = ("jlora_xa", "jlora_dora") if name.endswith("_xa") else ()  # jlora's names
   name = name.removesuffix("_xa")
   if name == "dots":
     keep = jax.checkpoint_policies.dots_with_no_batch_dims_saveable

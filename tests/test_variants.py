@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as PS
 
 import jlora
-from tests.helpers import iter_eqns, rand
+from tests.helpers import iter_eqns, rand, randomize_b
 
 
 def _dora_leaf(w_shape, a_axes, rank, stack=0, seed=0):
@@ -327,3 +327,39 @@ def test_lora_plus_equals_two_adamw_optimizers():
   assert not np.allclose(p1["q_proj"].b, t["q_proj"].b)
   with pytest.raises(TypeError, match="ratio='16' must be a finite number"):
     jlora.lora_plus("16")
+
+
+def test_dora_backward_reads_the_named_output_instead_of_recomputing_the_matmul():
+  """With a remat policy that keeps the projection's output (as a model that names it does) and
+  jlora's names, DoRA's backward pass runs as many weight-sized matmuls as LoRA's: the
+  magnitude's gradient reads the rescaled output `"jlora_dora"`, not the matmul before it."""
+  from jax.ad_checkpoint import checkpoint_name
+  w = rand((64, 96), 1, scale=0.1)
+  x = rand((16, 64), 2)
+  policy = jax.checkpoint_policies.save_only_these_names("proj", "jlora_xa", "jlora_dora")
+
+  def f(p, x):
+    body = jax.checkpoint(lambda p, x: jnp.tanh(checkpoint_name(x @ p["w"], "proj")),
+                          policy=policy)
+    return jnp.sum(body(p, x) ** 2)
+
+  def big_dots(tree):
+    tr, fr = jlora.split(tree)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda tr: jlora.lora(f)(jlora.combine(tr, fr), x)))(tr)
+    return sum(1 for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"
+               and any(tuple(v.aval.shape) in ((64, 96), (96, 64)) for v in e.invars)
+               and e.outvars[0].aval.shape[0] == 16)  # token rows: not the norm's aᵀw
+
+  lora = randomize_b(jlora.apply({"w": w}, rank=4, targets="w"))
+  dora = randomize_b(jlora.apply({"w": w}, rank=4, targets="w", dora=True))
+  assert big_dots(dora) == big_dots(lora)
+
+
+def _all_eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for u in (v if isinstance(v, (tuple, list)) else [v]):
+        sub = getattr(u, "jaxpr", u)
+        if hasattr(sub, "eqns"):
+          yield from _all_eqns(sub)

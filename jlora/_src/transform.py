@@ -30,6 +30,9 @@ rewritten by rules:
 * weight-only ops keep the factoring: `convert_element_type`, `transpose`,
   axis-regrouping `reshape`/`squeeze`, `sharding_constraint`, `copy`, `rev`,
   and `slice`/`dynamic_slice` along any axes (a fused QKV kernel cut in three).
+* a DoRA weight's matmul output, rescaled per output feature, is named `"jlora_dora"`
+  (the magnitude's gradient reads it, so a remat policy that keeps it, as a model that saves
+  its projections' outputs would, spares the backward pass the matmul);
 * the rank-wide adapter activation `x·A` (or `x·B`, and their conv forms) is named
   `"jlora_xa"` (`jax.ad_checkpoint.checkpoint_name`), so a remat policy such as
   `jax.checkpoint_policies.save_only_these_names("jlora_xa", ...)` can keep it
@@ -498,6 +501,31 @@ def _broadcast_to_axes(v, positions, ndim):
   return vt.reshape(shape)
 
 
+# The name of a DoRA weight's rescaled matmul output (for remat policies).
+DORA_NAME = "jlora_dora"
+
+
+@jax.custom_jvp
+def _dora_out(y, v):
+  """`y * v` (a DoRA matmul's output rescaled per output feature), named `"jlora_dora"`.
+
+  Its derivative for `v` reads the rescaled output (`y·v / v`) rather than `y`: a remat
+  policy that keeps `"jlora_dora"` (the value the model keeps when it saves the matmul's
+  output) then spares the backward pass the matmul again. Where `v` is 0 (a magnitude of 0),
+  that derivative is taken as 0.
+  """
+  return checkpoint_name(y * v, DORA_NAME)
+
+
+@_dora_out.defjvp
+def _dora_out_jvp(primals, tangents):
+  y, v = primals
+  dy, dv = tangents
+  out = checkpoint_name(y * v, DORA_NAME)  # (bound here: the policy sees this name's output)
+  safe = jnp.where(v == 0, jnp.ones_like(v), v)
+  return out, dy * v + out * jnp.where(v == 0, jnp.zeros_like(dv), dv / safe)
+
+
 def _dora_dot_general(ctx, eqn, lhs, rhs):
   """A DoRA weight `W·v` (v over the stack and B axes): the plain factored matmul of `W`, with
   `v` multiplying the output where it keeps all of v's axes (`x·W`), else `x` where it holds
@@ -515,7 +543,7 @@ def _dora_dot_general(ctx, eqn, lhs, rhs):
     first = 0 if lv_is_lhs else n_x_free
     pos = [wb.index(i) if i in wb else len(wb) + first + w_free.index(i) for i in v_axes]
     y = _dot_general(ctx, eqn, [plain, x] if lv_is_lhs else [x, plain])
-    return y * _broadcast_to_axes(lv.v, pos, y.ndim).astype(y.dtype)
+    return _dora_out(y, _broadcast_to_axes(lv.v, pos, y.ndim).astype(y.dtype))
   if all(i in wc or i in wb for i in v_axes):  # all of them are x's axes
     pos = [xc[list(wc).index(i)] if i in wc else xb[list(wb).index(i)] for i in v_axes]
     xs = x * _broadcast_to_axes(lv.v, pos, x.ndim).astype(x.dtype)
