@@ -58,10 +58,19 @@ def timed(fn, rounds, steps):
   return t
 
 
-def train(kind: str, tiny: bool, rounds: int, steps: int):
+def routes_for(batch: int, n: int, count: int, seed: int = 0) -> list:
+  """`count` routings of `batch` examples over `n` adapters: random draws when the batch is
+  smaller than `n`, else every adapter on batch/n examples, in a random order."""
+  rng = np.random.default_rng(seed)
+  if batch < n:
+    return [rng.integers(0, n, (batch,)) for _ in range(count)]
+  return [rng.permutation(np.tile(np.arange(n), -(-batch // n))[:batch]) for _ in range(count)]
+
+
+def train(kind: str, tiny: bool, rounds: int, steps: int, batch_seq=None):
   cfg = G.tiny_config(layers="scan", remat="wide_mid_xa") if tiny else G.Gemma2Config(
       layers="scan", remat="wide_mid_xa", loss_math="pallas")
-  batch, seq = (4, 32) if tiny else (8, 1024)
+  batch, seq = batch_seq or ((4, 32) if tiny else (8, 1024))
   targets = None if kind == "qv" else "all-linear"
   params = G.init_params(cfg, jax.random.key(0))
   model = G.Gemma2(cfg)
@@ -71,8 +80,7 @@ def train(kind: str, tiny: bool, rounds: int, steps: int):
   single = trees[0]
   multi = jlora.stack(trees)
   del params
-  rng = np.random.default_rng(0)
-  routes = [jnp.asarray(rng.integers(0, N_ADAPTERS, (batch,)), jnp.int32) for _ in range(64)]
+  routes = [jnp.asarray(r, jnp.int32) for r in routes_for(batch, N_ADAPTERS, 64)]
   rows = []
   f_single = jax.jit(jlora.lora(loss))
   f_multi = jax.jit(lambda t, r, ids: jlora.lora(loss)(jlora.select(t, r), ids))
@@ -86,7 +94,7 @@ def train(kind: str, tiny: bool, rounds: int, steps: int):
                    ("forward_16", lambda: f_multi(multi, route(), ids))):
     t = timed(fn, rounds, steps)
     rows.append(dict(name=f"{kind}_{name}", step_s=t["step_s"], step_s_rounds=t["step_s_rounds"],
-                     tokens_s=round(batch * seq / t["step_s"])))
+                     tokens_s=round(batch * seq / t["step_s"]), batch=batch, seq=seq))
   s1 = jlora.train_step(jlora.lora(loss), optax.adamw(1e-4))
   sm = jlora.train_step(lambda t, r, ids: jlora.lora(loss)(jlora.select(t, r), ids),
                         optax.adamw(1e-4))
@@ -146,9 +154,12 @@ def main(argv=None):
   p.add_argument("--tiny", action="store_true")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=8)
+  p.add_argument("--batch", type=int, default=0, help="train: examples (default 8; 4 tiny)")
+  p.add_argument("--seq", type=int, default=0, help="train: tokens per example (default 1024)")
   a = p.parse_args(argv)
-  rows = train(a.kind, a.tiny, a.rounds, a.steps) if a.what == "train" else decode(a.tiny,
-                                                                                      a.rounds)
+  bs = (a.batch, a.seq) if a.batch else None
+  rows = train(a.kind, a.tiny, a.rounds, a.steps, bs) if a.what == "train" else decode(a.tiny,
+                                                                                          a.rounds)
   for r in rows:
     r.update(suite="jlora_multi", adapters=N_ADAPTERS, jax=jax.__version__,
              device=jax.devices()[0].device_kind, tiny=a.tiny)

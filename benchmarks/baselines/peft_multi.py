@@ -35,9 +35,11 @@ def main(argv=None):
   p.add_argument("--tiny", action="store_true")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=4)
+  p.add_argument("--batch", type=int, default=0, help="examples (default 8; 4 tiny)")
+  p.add_argument("--seq", type=int, default=0, help="tokens per example (default 1024)")
   a = p.parse_args(argv)
   dev = "cpu" if a.tiny else "cuda"
-  batch, seq = (4, 32) if a.tiny else (8, 1024)
+  batch, seq = (a.batch, a.seq) if a.batch else ((4, 32) if a.tiny else (8, 1024))
   torch.manual_seed(0)
   model, attn = build_model(C.shape_of(a.tiny), "sdpa", dev, a.tiny)
   cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
@@ -47,7 +49,10 @@ def main(argv=None):
     model.add_adapter(f"a{i}", cfg)
   model.to(torch.bfloat16).eval()
   ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
-  names = [f"a{i}" for i in torch.randint(0, N, (batch,)).tolist()]
+  # random draws when the batch is smaller than N, else every adapter on batch/N examples
+  order = (torch.randint(0, N, (batch,)) if batch < N else
+           torch.arange(N).repeat(-(-batch // N))[:batch][torch.randperm(batch)])
+  names = [f"a{i}" for i in order.tolist()]
 
   def run(mixed):
     with torch.no_grad():
@@ -72,7 +77,8 @@ def main(argv=None):
     print(json.dumps(dict(suite="peft_multi", name="forward_16_mixed" if mixed else
                           "forward_single", adapters=N, step_s=round(med, 4),
                           step_s_rounds=[round(t, 4) for t in times],
-                          tokens_s=round(batch * seq / med), attention=attn,
+                          tokens_s=round(batch * seq / med), attention=attn, batch=batch,
+                          seq=seq, distinct=len(set(names)),
                           peft=peft.__version__, torch=torch.__version__)), flush=True)
 
 
