@@ -40,12 +40,13 @@ def adapters(n, seed=0):
                          seed=10 + i, scale=0.3) for i, r in enumerate(ranks)]
 
 
-def test_each_example_runs_its_own_adapter_forward_and_gradients():
+@pytest.mark.parametrize("kernel", ["gather", "dense"])
+def test_each_example_runs_its_own_adapter_forward_and_gradients(kernel):
   p, ts = adapters(3)
   s = jlora.stack(ts)
   ids = jnp.asarray([2, 0, -1, 1, 0])
   tok = jnp.asarray(np.random.default_rng(0).integers(0, 40, (5, 6)))
-  f = jlora.lora(model, strict=True)
+  f = jlora.lora(model, strict=True, stack_kernel=kernel)
   got = jax.jit(f)(jlora.select(s, ids), tok)
   for e, i in enumerate(np.asarray(ids)):
     want = model(p if i < 0 else jlora.merge(ts[i]), tok[e:e + 1])[0]
@@ -181,5 +182,7 @@ def test_errors_name_the_fix():
     jlora.merge(s)
   with pytest.raises(ValueError, match=r"a checkpoint holds one adapter.*jlora.unstack"):
     jlora.save("/tmp/never", s)
+  with pytest.raises(ValueError, match=r"stack_kernel='onehot' is not one of"):
+    jlora.lora(model, stack_kernel="onehot")
   with pytest.raises(ValueError, match=r"cannot run per example"):
     jlora.lora(lambda t: jnp.sum(t["layers"]["q_proj"] ** 2))(jlora.select(s, jnp.asarray([0])))
