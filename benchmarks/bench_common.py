@@ -136,3 +136,71 @@ def emit(r: dict, out: str = "") -> dict:
     with open(out, "a") as f:
       f.write(line + "\n")
   return r
+
+
+# --------------------------------------------------------------------------- a capped allocator
+
+
+def fit_and_time(row: dict, step: Callable[[], Any], *, batch: int, seq: int, steps: int,
+                 rounds: int) -> dict:
+  """Fills `row` for one batch size under a capped allocator: `step()` runs one training step
+  and returns its loss; the first call compiles, then `rounds` rounds of `steps`. An
+  out-of-memory error is recorded (`fits: False`), any other error raised. Adds the peak bytes
+  in use."""
+  import jax
+  try:
+    t0 = time.perf_counter()
+    row["first_loss"] = float(step())
+    row["compile_and_first_step_s"] = round(time.perf_counter() - t0, 1)
+    times = []
+    for _ in range(rounds):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        loss = step()
+      loss.block_until_ready()
+      times.append((time.perf_counter() - t0) / steps)
+    row["last_loss"] = float(loss)
+    row["step_s_rounds"] = [round(t, 4) for t in times]
+    row["step_s_median"] = round(statistics.median(times), 4)
+    row["tokens_per_s"] = round(batch * seq / statistics.median(times))
+    row["fits"] = True
+  except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED: does not fit
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+      raise
+    row["fits"] = False
+    row["error"] = msg.splitlines()[0][:300]
+  stats = jax.devices()[0].memory_stats() or {}
+  row["peak_bytes"] = stats.get("peak_bytes_in_use")
+  row["peak_gib"] = round(row["peak_bytes"] / 2**30, 2) if row["peak_bytes"] else None
+  return row
+
+
+def capped_env(cap_bytes: float) -> dict:
+  """The environment for a child process whose JAX allocator holds `cap_bytes` of the GPU
+  (preallocated, so nothing beyond the cap can be used)."""
+  import subprocess
+  total = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             check=True).stdout.split()[0]) * 2**20
+  return {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{cap_bytes / total:.4f}",
+          "XLA_PYTHON_CLIENT_PREALLOCATE": "true", "PYTHONUNBUFFERED": "1"}
+
+
+def each_size(script: str, sizes, args: list, env: dict) -> list:
+  """Runs `script --one BATCH SEQ *args` per size, each in its own process (so each peak is its
+  own), until one does not fit; returns the JSON rows they print (printing each)."""
+  import subprocess
+  import sys
+  rows = []
+  for batch, seq in sizes:
+    p = subprocess.run([sys.executable, script, "--one", str(batch), str(seq), *args], env=env,
+                       capture_output=True, text=True)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+    row = json.loads(lines[-1]) if lines else dict(batch=batch, seq=seq, fits=False,
+                                                   error=p.stderr[-800:])
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    if not row.get("fits"):
+      break
+  return rows

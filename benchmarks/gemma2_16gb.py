@@ -22,18 +22,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common as C  # noqa: E402
+
 CAP_BYTES = 16e9
 SIZES = [(8, 512), (8, 1024), (16, 1024), (32, 1024)]
-
-
-def _total_gpu_bytes() -> int:
-  out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                       capture_output=True, text=True, check=True).stdout
-  return int(out.split()[0]) * 2**20
 
 
 def one(batch: int, seq: int, rank: int, steps: int, rounds: int) -> dict:
@@ -77,33 +74,13 @@ def one(batch: int, seq: int, rank: int, steps: int, rounds: int) -> dict:
   ids = rng.integers(3, cfg.vocabulary_size, (batch, seq + 1)).astype(np.int32)
   x = {"token_ids": jnp.asarray(ids[:, :-1]), "padding_mask": jnp.ones((batch, seq), jnp.int32)}
   y, w = jnp.asarray(ids[:, 1:]), jnp.ones((batch, seq), jnp.float32)
-  try:
-    t0 = time.perf_counter()
-    tree, opt_state, loss = step(tree, opt_state, x, y, w)
-    row["first_loss"] = float(loss)
-    row["compile_and_first_step_s"] = round(time.perf_counter() - t0, 1)
-    times = []
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        tree, opt_state, loss = step(tree, opt_state, x, y, w)
-      loss.block_until_ready()
-      times.append((time.perf_counter() - t0) / steps)
-    row["last_loss"] = float(loss)
-    row["step_s_rounds"] = [round(t, 4) for t in times]
-    row["step_s_median"] = round(float(np.median(times)), 4)
-    row["tokens_per_s"] = round(batch * seq / float(np.median(times)))
-    row["fits"] = True
-  except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED: does not fit
-    msg = str(e)
-    if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
-      raise
-    row["fits"] = False
-    row["error"] = msg.splitlines()[0][:300]
-  stats = jax.devices()[0].memory_stats() or {}
-  row["peak_bytes"] = stats.get("peak_bytes_in_use")
-  row["peak_gib"] = round(row["peak_bytes"] / 2**30, 2) if row["peak_bytes"] else None
-  return row
+  state = [tree, opt_state]
+
+  def one_step():
+    state[0], state[1], loss = step(state[0], state[1], x, y, w)
+    return loss
+
+  return C.fit_and_time(row, one_step, batch=batch, seq=seq, steps=steps, rounds=rounds)
 
 
 def main(argv=None) -> None:
@@ -117,22 +94,11 @@ def main(argv=None) -> None:
   if a.one:
     print(json.dumps(one(*a.one, a.rank, a.steps, a.rounds)), flush=True)
     return
-  frac = CAP_BYTES / _total_gpu_bytes()
-  env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
-         "XLA_PYTHON_CLIENT_PREALLOCATE": "true", "PYTHONUNBUFFERED": "1"}
-  rows = []
-  for batch, seq in SIZES:
-    p = subprocess.run([sys.executable, __file__, "--one", str(batch), str(seq), "--rank",
-                        str(a.rank), "--steps", str(a.steps), "--rounds", str(a.rounds)],
-                       env=env, capture_output=True, text=True)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
-    row = json.loads(lines[-1]) if lines else dict(batch=batch, seq=seq, fits=False,
-                                                   error=p.stderr[-600:])
-    row["mem_fraction"] = round(frac, 4)
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-    if not row.get("fits"):
-      break
+  env = C.capped_env(CAP_BYTES)
+  rows = C.each_size(__file__, SIZES, ["--rank", str(a.rank), "--steps", str(a.steps),
+                                       "--rounds", str(a.rounds)], env)
+  for row in rows:
+    row["mem_fraction"] = float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"])
   fit = [r for r in rows if r.get("fits")]
   result = dict(
       what="the Gemma notebook's real training step (gemma2_2b_en shape, bf16, LoRA r=4 on q,v, "

@@ -241,14 +241,14 @@ def run(args) -> dict:
   if args.quantize != "none":  # each kernel quantized as it is drawn: no bf16 copy of them all
     stacked = None if cfg.layers == "unstacked" else r"^layers/"
 
-    def kernel_fn(name, w):
+    def kernel_fn(name, k, s, std):
+      w = (jax.random.normal(k, s.shape, jnp.float32) * std).astype(s.dtype)
       q = jlora.quantize({name: w}, args.quantize, stacked=stacked, block_size=16 if args.tiny
                          else 64, double_quant=args.double_quant)[name]
       return jax.block_until_ready(q)
   params = G.init_params(cfg, key, kernel_fn)
-  nbytes = lambda x: x.nbytes if isinstance(x, jlora.Quantized) else x.size * x.dtype.itemsize
   leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, jlora.Quantized))
-  weight_bytes = sum(nbytes(x) for x in leaves)
+  weight_bytes = sum(x.nbytes for x in leaves)
   ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
   step, state, ntrain, jitted = build_step(cfg, spec, params, fold=args.fold, dora=args.dora)
   del params

@@ -620,8 +620,9 @@ def init_params(cfg: Gemma2Config, key: jax.Array, kernel_fn=None) -> dict:
   Kernels ~ N(0, 1/fan_in), the embedding ~ N(0, 1/width), norm scales zero
   (the same distributions as the modules' initializers). Cheaper to compile than
   `model.init`, which also traces the forward pass; jit it to build on device.
-  `kernel_fn(path, kernel)`, if given, replaces each kernel as soon as it is drawn
-  (e.g. quantizes it), so the float kernels never coexist.
+  `kernel_fn(path, key, shape_dtype, std)`, if given, makes each kernel in place of
+  drawing it (e.g. draws and quantizes it, a layer at a time), so the float kernels
+  never coexist.
   """
   shape_cfg = dataclasses.replace(cfg, attention="xla")  # shapes only: any attention will do
   shapes = jax.eval_shape(lambda k: Gemma2(shape_cfg).init(k, jnp.zeros((1, 1), jnp.int32)), key)
@@ -634,7 +635,9 @@ def init_params(cfg: Gemma2Config, key: jax.Array, kernel_fn=None) -> dict:
       out.append(jnp.zeros(s.shape, s.dtype))
     elif name == "embedding":
       out.append((jax.random.normal(k, s.shape, jnp.float32) * cfg.width ** -0.5).astype(s.dtype))
+    elif kernel_fn is not None:
+      out.append(kernel_fn(name, k, s, s.shape[-2] ** -0.5))
     else:
-      w = (jax.random.normal(k, s.shape, jnp.float32) * s.shape[-2] ** -0.5).astype(s.dtype)
-      out.append(w if kernel_fn is None else kernel_fn(name, w))
+      out.append((jax.random.normal(k, s.shape, jnp.float32) * s.shape[-2] ** -0.5)
+                 .astype(s.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)

@@ -24,12 +24,13 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench_common as C  # noqa: E402
 
 CAP_BYTES = 16e9
 SIZES = [(1, 2048), (2, 2048), (4, 2048), (8, 2048), (16, 2048)]
@@ -53,29 +54,16 @@ def init_quantized(cfg, key, block_size: int):
   import jax.numpy as jnp
 
   import jlora
-  shapes = jax.eval_shape(lambda k: G.Gemma2(dataclasses.replace(cfg, attention="xla")).init(
-      k, jnp.zeros((1, 1), jnp.int32)), key)["params"]
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  draw = jax.jit(lambda k, shape, std: (jax.random.normal(k, shape, jnp.float32) * std)
-                 .astype(cfg.dtype), static_argnums=(1, 2))
-  quant = jax.jit(lambda w: jlora.quantize({"k": w}, "nf4", targets="k", block_size=block_size,
-                                           double_quant=True)["k"])
-  out = []
-  for i, (path, s) in enumerate(flat):
-    name = "/".join(str(getattr(p, "key", p)) for p in path)
-    k = jax.random.fold_in(key, i)
-    if name.endswith("scale"):
-      out.append(jnp.zeros(s.shape, s.dtype))
-    elif name == "embedding":
-      out.append(draw(k, s.shape, cfg.width ** -0.5))
-    else:  # (layers, ...) kernel: one layer at a time, then the codes stacked
-      per = [quant(draw(jax.random.fold_in(k, j), s.shape[1:], s.shape[-2] ** -0.5))
-             for j in range(s.shape[0])]
-      q = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per)
-      out.append(dataclasses.replace(q, stack=1))
-      jax.block_until_ready(out[-1])
-      del per
-  return jax.tree_util.tree_unflatten(treedef, out)
+  quant = jax.jit(lambda k, shape, std: jlora.quantize(
+      {"k": (jax.random.normal(k, shape, jnp.float32) * std).astype(cfg.dtype)}, "nf4",
+      targets="k", block_size=block_size, double_quant=True)["k"], static_argnums=(1, 2))
+
+  def kernel_fn(name, k, s, std):  # a (layers, ...) kernel: a layer at a time, codes stacked
+    per = [quant(jax.random.fold_in(k, j), s.shape[1:], std) for j in range(s.shape[0])]
+    q = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per)
+    return jax.block_until_ready(dataclasses.replace(q, stack=1))
+
+  return G.init_params(cfg, key, kernel_fn)
 
 
 def one(batch: int, seq: int, rank: int, steps: int, rounds: int, tiny: bool) -> dict:
@@ -96,40 +84,19 @@ def one(batch: int, seq: int, rank: int, steps: int, rounds: int, tiny: bool) ->
   row["init_s"] = round(time.perf_counter() - t0, 1)
   row["trainable"] = jlora.count(tree).trainable
   leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, jlora.Quantized))
-  row["base_bytes"] = sum(x.nbytes if isinstance(x, jlora.Quantized) else x.nbytes
-                          for x in leaves)
+  row["base_bytes"] = sum(x.nbytes for x in leaves)
   model = G.Gemma2(cfg)
   loss_fn = jlora.lora(lambda p, ids: model.apply({"params": p}, ids[:, :-1], ids[:, 1:]))
   step = jlora.train_step(loss_fn, optax.adamw(1e-4))
   opt_state = step.init(tree)
   ids = jax.numpy.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1)))
-  try:
-    t0 = time.perf_counter()
-    tree, opt_state, loss = step(tree, opt_state, ids)
-    row["first_loss"] = float(loss)
-    row["compile_and_first_step_s"] = round(time.perf_counter() - t0, 1)
-    times = []
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        tree, opt_state, loss = step(tree, opt_state, ids)
-      loss.block_until_ready()
-      times.append((time.perf_counter() - t0) / steps)
-    row["last_loss"] = float(loss)
-    row["step_s_rounds"] = [round(t, 4) for t in times]
-    row["step_s_median"] = round(float(np.median(times)), 4)
-    row["tokens_per_s"] = round(batch * seq / float(np.median(times)))
-    row["fits"] = True
-  except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED: does not fit
-    msg = str(e)
-    if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
-      raise
-    row["fits"] = False
-    row["error"] = msg.splitlines()[0][:300]
-  stats = jax.devices()[0].memory_stats() or {}
-  row["peak_bytes"] = stats.get("peak_bytes_in_use")
-  row["peak_gib"] = round(row["peak_bytes"] / 2**30, 2) if row["peak_bytes"] else None
-  return row
+  state = [tree, opt_state]
+
+  def one_step():
+    state[0], state[1], loss = step(state[0], state[1], ids)
+    return loss
+
+  return C.fit_and_time(row, one_step, batch=batch, seq=seq, steps=steps, rounds=rounds)
 
 
 def main(argv=None) -> None:
@@ -145,26 +112,11 @@ def main(argv=None) -> None:
   if a.one:
     print(json.dumps(one(*a.one, a.rank, a.steps, a.rounds, a.tiny)), flush=True)
     return
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  if not a.tiny:
-    total = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
-                                "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                               check=True).stdout.split()[0]) * 2**20
-    env.update(XLA_PYTHON_CLIENT_MEM_FRACTION=f"{CAP_BYTES / total:.4f}",
-               XLA_PYTHON_CLIENT_PREALLOCATE="true")
-  rows = []
-  for size in a.sizes.split(","):
-    batch, seq = map(int, size.split("x"))
-    p = subprocess.run([sys.executable, __file__, "--one", str(batch), str(seq), "--rank",
-                        str(a.rank), "--steps", str(a.steps), "--rounds", str(a.rounds)]
-                       + (["--tiny"] if a.tiny else []), env=env, capture_output=True, text=True)
-    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
-    row = json.loads(lines[-1]) if lines else dict(batch=batch, seq=seq, fits=False,
-                                                   error=p.stderr[-800:])
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-    if not row.get("fits"):
-      break
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"} if a.tiny else C.capped_env(CAP_BYTES)
+  sizes = [tuple(map(int, size.split("x"))) for size in a.sizes.split(",")]
+  rows = C.each_size(__file__, sizes, ["--rank", str(a.rank), "--steps", str(a.steps),
+                                       "--rounds", str(a.rounds)] + (["--tiny"] if a.tiny else []),
+                     env)
   fit = [r for r in rows if r.get("fits")]
   result = dict(
       what="QLoRA under a 16 GB allocator cap: Gemma-2 blocks at Llama-3.1-8B's shapes (tied "
