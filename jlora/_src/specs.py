@@ -243,8 +243,9 @@ class _Walker:
       w_spec = self.array_spec(ps, x.w) if x.w is not None else None
       a_spec, b_spec = (PartitionSpec(), PartitionSpec()) if x.a is None or x.w is None else (
           adapter_specs(tuple(w_spec), x.a_axes, x.stack, len(x.shape)))
-      ins = lambda sp, n: _trim(PartitionSpec(*(lambda t: t[:x.stack] + (None,) + t[x.stack:])(
-          _pad(sp, n - 1))))
+      def ins(sp, n):  # one adapter's spec with the (unsharded) adapter axis put in
+        t = _pad(sp, n - 1)
+        return _trim(PartitionSpec(*t[:x.stack], None, *t[x.stack:]))
       if isinstance(x.w, Quantized):
         w_spec = quantized_specs(tuple(w_spec), x.w)
       rep = lambda v: None if v is None else PartitionSpec()

@@ -81,8 +81,20 @@ class MaterializeWarning(UserWarning):
   """A LoRA weight was materialized (`w + s·a@b`) for an operation jlora cannot factor."""
 
 
+class _Value:
+  """What the interpreter's own values share (each is a frozen dataclass and a pytree)."""
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def b_axes(self):  # (of a weight with adapters: `_LV`, `_SV`)
+    n = self.w.ndim - self.stack
+    return tuple(i for i in range(n) if i not in self.a_axes)
+
+
 @dataclasses.dataclass(frozen=True)
-class _LV:
+class _LV(_Value):
   """A LoRA weight inside the interpreter (a pytree, so it crosses control flow)."""
 
   w: Any
@@ -94,20 +106,12 @@ class _LV:
   path: str = dataclasses.field(metadata=dict(static=True))
   v: Any = None  # DoRA: m / norm (float32, constant for the gradient), stack + B axes; else None
 
-  @property
-  def b_axes(self):
-    n = self.w.ndim - self.stack
-    return tuple(i for i in range(n) if i not in self.a_axes)
-
-  def replace(self, **kw):
-    return dataclasses.replace(self, **kw)
-
 
 jax.tree_util.register_dataclass(_LV)
 
 
 @dataclasses.dataclass(frozen=True)
-class _QV:
+class _QV(_Value):
   """A quantized weight without adapters inside the interpreter."""
 
   q: Quantized
@@ -118,15 +122,12 @@ class _QV:
   dtype = property(lambda self: self.q.dtype)
   size = property(lambda self: self.q.size)
 
-  def replace(self, **kw):
-    return dataclasses.replace(self, **kw)
-
 
 jax.tree_util.register_dataclass(_QV)
 
 
 @dataclasses.dataclass(frozen=True)
-class _SV:
+class _SV(_Value):
   """A stack of adapters (`jlora.LoRAStack`) inside the interpreter."""
 
   w: Any
@@ -137,14 +138,6 @@ class _SV:
   a_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   stack: int = dataclasses.field(metadata=dict(static=True))
   path: str = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def b_axes(self):
-    n = self.w.ndim - self.stack
-    return tuple(i for i in range(n) if i not in self.a_axes)
-
-  def replace(self, **kw):
-    return dataclasses.replace(self, **kw)
 
 
 jax.tree_util.register_dataclass(_SV)
@@ -725,32 +718,28 @@ def _stack_dot(ctx, eqn, sv: _SV, x, sv_is_lhs: bool):
   xa_first = size(t_lab) <= size(u_lab)
   cdt = sv.w.dtype
   pet, prec = params.get("preferred_element_type"), params.get("precision")
-  ids = jnp.clip(sv.ids, 0, sv.a.shape[0] - 1)
-  a = jnp.take(sv.a, ids, axis=0).astype(cdt)
-  b = jnp.take(sv.b, ids, axis=0).astype(cdt)
-  scale = jnp.where(sv.ids >= 0, jnp.take(sv.scales, ids), 0.0)
+  n_ad = sv.a.shape[0]
   if ctx.stack_kernel == "dense" and xa_first:
     # every adapter's x·A at once ((..., n·r): one matmul), masked to each example's own
     # (scaled) adapter, then one matmul with all the B's stacked: no gathers
     nl = next(letters)
-    n_ad = sv.a.shape[0]
     mid_lab = [l for k in t_lab for l in ((nl, "r") if k == "r" else (k,))]
-    t = jnp.einsum(f"{''.join(x2_lab)},{nl}{''.join(a_lab[1:])}->{''.join(mid_lab)}", x2,
-                   sv.a.astype(cdt), precision=prec, preferred_element_type=pet)
+    first_lab, second_lab = [nl] + a_lab[1:], [nl] + b_lab[1:]
+    first, second = sv.a.astype(cdt), sv.b.astype(cdt)
     onehot = (sv.ids[:, None] == jnp.arange(n_ad)[None, :]).astype(jnp.float32)
-    mask = (onehot * sv.scales[None, :].astype(jnp.float32)).astype(t.dtype)
-    t = t * mask.reshape([n_ex if l == e else n_ad if l == nl else 1 for l in mid_lab])
-    t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
-    y = jnp.einsum(f"{''.join(mid_lab)},{nl}{''.join(b_lab[1:])}->{''.join(out2)}", t,
-                   sv.b.astype(cdt), precision=prec, preferred_element_type=pet)
-    base = (_qdot(eqn, sv.w, x, sv_is_lhs) if _is_q(sv.w) else
-            eqn.primitive.bind(*((sv.w, x) if sv_is_lhs else (x, sv.w)), **params))
-    return base + y.reshape(base.shape).astype(base.dtype)
-  mid_lab, first_lab, second_lab = (t_lab, a_lab, b_lab) if xa_first else (u_lab, b_lab, a_lab)
-  first, second = (a, b) if xa_first else (b, a)
+    scale = onehot * sv.scales[None, :].astype(jnp.float32)  # (examples, adapters)
+    scale_shape = [n_ex if l == e else n_ad if l == nl else 1 for l in mid_lab]
+  else:  # each example's adapters gathered, both products batched over the examples
+    ids = jnp.clip(sv.ids, 0, n_ad - 1)
+    a = jnp.take(sv.a, ids, axis=0).astype(cdt)
+    b = jnp.take(sv.b, ids, axis=0).astype(cdt)
+    mid_lab, first_lab, second_lab = (t_lab, a_lab, b_lab) if xa_first else (u_lab, b_lab, a_lab)
+    first, second = (a, b) if xa_first else (b, a)
+    scale = jnp.where(sv.ids >= 0, jnp.take(sv.scales, ids), 0.0)
+    scale_shape = [n_ex if l == e else 1 for l in mid_lab]
   t = jnp.einsum(f"{''.join(x2_lab)},{''.join(first_lab)}->{''.join(mid_lab)}", x2, first,
                  precision=prec, preferred_element_type=pet)
-  t = t * scale.astype(t.dtype).reshape([n_ex if l == e else 1 for l in mid_lab])
+  t = t * scale.astype(t.dtype).reshape(scale_shape)
   t = checkpoint_name(t.astype(jnp.result_type(x.dtype, cdt)), XA_NAME)
   y = jnp.einsum(f"{''.join(mid_lab)},{''.join(second_lab)}->{''.join(out2)}", t, second,
                  precision=prec, preferred_element_type=pet)
