@@ -20,11 +20,10 @@ Prints one JSON row per configuration (tokens/s from the median of rounds; the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +45,10 @@ def adapters(params, n, rank, targets, stacked=None):
   out = []
   for i in range(n):
     t = jlora.apply(params, rank=rank, targets=targets, stacked=stacked, key=jax.random.key(i))
-    out.append(jax.tree_util.tree_map(
-        lambda x: (x.__class__(**{**x.__dict__, "b": jax.random.normal(
-            jax.random.key(100 + i), x.b.shape, x.b.dtype) * 0.01})
-                   if isinstance(x, jlora.LoRA) else x), t, is_leaf=jlora.is_lora))
+    trained = lambda x, i=i: dataclasses.replace(  # a random, non-zero b
+        x, b=jax.random.normal(jax.random.key(100 + i), x.b.shape, x.b.dtype) * 0.01)
+    out.append(jax.tree_util.tree_map(lambda x: trained(x) if jlora.is_lora(x) else x, t,
+                                      is_leaf=jlora.is_lora))
   return out
 
 
@@ -135,15 +134,10 @@ def decode(tiny: bool, rounds: int):
   rows = []
   for name, tree in (("decode_single", trees[0]), ("decode_16", multi)):
     run = lambda: llama.decode(model, tree, prompts, mask, max_new_tokens=new, forward=fwd).tokens
-    jax.block_until_ready(run())  # compile
-    times = []
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      jax.block_until_ready(run())
-      times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    rows.append(dict(name=name, s=round(med, 4), s_rounds=[round(t, 4) for t in times],
-                     new_tokens_s=round(n * new / med), prompts=n, prompt_len=plen, new=new))
+    t = C.time_steps(run, jax.block_until_ready, warmup=1, steps=1, rounds=rounds)
+    rows.append(dict(name=name, s=t["step_s"], s_rounds=t["step_s_rounds"],
+                     new_tokens_s=round(n * new / t["step_s"]), prompts=n, prompt_len=plen,
+                     new=new))
   return rows
 
 

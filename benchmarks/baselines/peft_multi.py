@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import peft
 import torch
@@ -60,24 +58,13 @@ def main(argv=None):
         return model(input_ids=ids, adapter_names=names).logits
       return model(input_ids=ids).logits
 
+  sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
   for mixed in (False, True):
-    for _ in range(2):
-      run(mixed)
-    times = []
-    for _ in range(a.rounds):
-      if dev == "cuda":
-        torch.cuda.synchronize()
-      t0 = time.perf_counter()
-      for _ in range(a.steps):
-        run(mixed)
-      if dev == "cuda":
-        torch.cuda.synchronize()
-      times.append((time.perf_counter() - t0) / a.steps)
-    med = statistics.median(times)
+    t = C.time_steps(lambda: run(mixed), sync, warmup=2, steps=a.steps, rounds=a.rounds)
     print(json.dumps(dict(suite="peft_multi", name="forward_16_mixed" if mixed else
-                          "forward_single", adapters=N, step_s=round(med, 4),
-                          step_s_rounds=[round(t, 4) for t in times],
-                          tokens_s=round(batch * seq / med), attention=attn, batch=batch,
+                          "forward_single", adapters=N, step_s=t["step_s"],
+                          step_s_rounds=t["step_s_rounds"],
+                          tokens_s=round(batch * seq / t["step_s"]), attention=attn, batch=batch,
                           seq=seq, distinct=len(set(names)),
                           peft=peft.__version__, torch=torch.__version__)), flush=True)
 
