@@ -193,8 +193,9 @@ class LoRAStack:
 
   @property
   def n_adapters(self) -> int:
-    return int(_shape(self.a if self.a is not None else self.alphas)[self.stack if self.a
-                                                                     is not None else 0])
+    if self.alphas is not None:
+      return int(_shape(self.alphas)[0])
+    return int(_shape(self.a)[self.stack])  # (the trainable half of jlora.split)
 
   @property
   def rank(self) -> int:
