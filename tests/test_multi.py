@@ -63,10 +63,14 @@ def test_each_example_runs_its_own_adapter_forward_and_gradients(kernel):
                                      * proj[rows]))(tt)
     for name in ("q_proj", "v_proj", "o_proj"):
       r = t["layers"][name].rank
-      np.testing.assert_allclose(g["layers"][name].a[:, i, ..., :r], gi["layers"][name].a,
-                                 rtol=1e-4, atol=1e-3)
-      np.testing.assert_allclose(g["layers"][name].b[:, i, :r], gi["layers"][name].b,
-                                 rtol=1e-4, atol=1e-3)
+      # float32 sums in other orders: within 1e-4 of the gradient's own scale (on some CPUs
+      # the dense kernel's a-gradient lands 2.6e-3, 3e-4 relative, from the single adapter's)
+      for f in ("a", "b"):
+        want = getattr(gi["layers"][name], f)
+        got_f = getattr(g["layers"][name], f)[:, i, ..., :r] if f == "a" else \
+            g["layers"][name].b[:, i, :r]
+        np.testing.assert_allclose(got_f, want, rtol=1e-4,
+                                   atol=1e-4 * float(jnp.abs(want).max()))
       # the padded rank gets no gradient
       assert float(jnp.abs(g["layers"][name].b[:, i, r:]).max(initial=0)) == 0
 
