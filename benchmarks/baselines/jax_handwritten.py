@@ -1,19 +1,34 @@
-"""Baseline: a LoRA train step written by hand in plain JAX, no library, on the Gemma-2-2B shape.
+"""Baseline: a LoRA train step written by hand in plain JAX, no library, on the Gemma-2-2B shape;
+and the same model trained through jlora, for the same-model rows (`--impl jlora`).
 
-What a careful user writes without jlora: the weights of the 26 blocks stacked on a
-leading axis and run with `lax.scan`, each block under `jax.checkpoint` with a
-remat policy (`--remat`, default `dots`: XLA's `dots_with_no_batch_dims_saveable`,
-the fastest of the three in earlier runs), the adapters inline
+What a careful user writes without jlora: bf16 base weights, the adapters inline
 (`y = x @ w + (x @ a) @ b`, float32 adapters cast to bf16 in the matmuls, scale
-alpha/rank = 1), bf16 base weights, cuDNN flash attention (causal; like PEFT's sdpa
-path and jlora's benchmark model, without Gemma 2's attention-logit soft-cap), the
-full float32 logits with the final soft-cap 30 and `log_softmax`, and
-`optax.adamw(1e-4)` on the adapters only, the adapters and the optimizer state
-donated to the jitted step.
+alpha/rank = 1), cuDNN flash attention (causal; like PEFT's sdpa path and jlora's
+benchmark model, without Gemma 2's attention-logit soft-cap), the full float32 logits
+with the final soft-cap 30 and `log_softmax`, and `optax.adamw(1e-4)` on the adapters
+only, the adapters and the optimizer state donated to the jitted step.
+
+The same model, three switches:
+- `--layout scan` (default): the 26 blocks' weights stacked on a leading axis and run
+  with `lax.scan`; `loop`: one weight dict per block, a Python loop (26 blocks
+  unrolled in the program).
+- `--remat`: each block under `jax.checkpoint` with XLA's
+  `dots_with_no_batch_dims_saveable` (`dots`, default), `nothing_saveable`
+  (`nothing`), no checkpoint (`none`), or a named-save policy (`names`: the model
+  names each projection's output `"proj"` and the attention output `"attn"`, the
+  adapters' `x @ a` is `"jlora_xa"`, and the policy keeps those three names).
+- `--impl inline` (default): the adapters written into the model as above. `jlora`:
+  the model's forward has plain `x @ w` and no adapters; the tree comes from
+  `jlora.apply(weights, rank, targets=..., stacked="^blocks/")` (scan) or without
+  `stacked` (loop), the loss is `jlora.lora(loss)`, the step
+  `jlora.train_step(loss, optax.adamw(1e-4))`: what a user of this model writes with
+  jlora. jlora's `x @ a` carries the name `"jlora_xa"` itself; `--fold` is
+  `jlora.lora`'s.
 
 Usage (one configuration per process, so the peak memory is its own):
 
-  python benchmarks/baselines/jax_handwritten.py qv4|all16 [--remat dots|nothing|none] [--tiny]
+  python benchmarks/baselines/jax_handwritten.py qv4|all16 [--impl inline|jlora]
+      [--layout scan|loop] [--remat dots|nothing|none|names] [--fold auto|never|always] [--tiny]
 
 Prints one JSON row: tokens/s, peak device memory (the allocator's
 `peak_bytes_in_use`), MFU (bench_common's FLOP model).
@@ -30,15 +45,21 @@ import sys
 import jax
 import jax.numpy as jnp
 import optax
+from jax.ad_checkpoint import checkpoint_name
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_common as C  # noqa: E402
 
+# The names the model gives its activations (`--remat names` keeps them), and jlora's name
+# for each adapter's `x @ a`, which the inline adapters carry too.
+PROJ, ATTN, XA = "proj", "attn", "jlora_xa"
 REMAT = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "nothing": jax.checkpoint_policies.nothing_saveable,
+    "names": jax.checkpoint_policies.save_only_these_names(PROJ, ATTN, XA),
     "none": None,
 }
+LAYOUTS = ("scan", "loop")
 
 
 def weight_shapes(s: dict) -> dict:
@@ -49,8 +70,9 @@ def weight_shapes(s: dict) -> dict:
               gate_proj=(d, f), up_proj=(d, f), down_proj=(f, d))
 
 
-def init_weights(s: dict, key) -> dict:
-  """N(0, 1/fan_in) kernels stacked over blocks, N(0, 1/width) embedding, zero norm scales.
+def init_weights(s: dict, key, layout: str = "scan") -> dict:
+  """N(0, 1/fan_in) kernels, N(0, 1/width) embedding, zero norm scales; the blocks stacked
+  on a leading axis (`scan`) or a list of one dict per block (`loop`, the same values).
 
   Each array is drawn by its own (eager) call: one small program per shape, where one
   jitted program for all arrays takes minutes to compile on a GPU.
@@ -65,12 +87,29 @@ def init_weights(s: dict, key) -> dict:
   blocks = {name: normal((n, i, o), i) for name, (i, o) in weight_shapes(s).items()}
   for norm in ("pre_attn", "post_attn", "pre_ffw", "post_ffw"):
     blocks[norm] = jnp.zeros((n, d), jnp.bfloat16)
-  return dict(embed=normal((s["vocab_size"], d), d), blocks=blocks,
+  embed = normal((s["vocab_size"], d), d)
+  return dict(embed=embed, blocks=per_layout(blocks, layout),
               final_norm=jnp.zeros((d,), jnp.bfloat16))
 
 
-def init_adapters(s: dict, rank: int, targets, key) -> dict:
-  """`a` he-uniform (in, r), `b` zeros (r, out), float32, stacked over blocks."""
+def per_layout(stacked: dict, layout: str):
+  """The stacked dict itself (`scan`) or one dict per block (`loop`); the stacked arrays
+  are deleted as they are sliced, so the weights are held once."""
+  if layout == "scan":
+    return stacked
+  n = len(next(iter(stacked.values())))
+  out = [dict() for _ in range(n)]
+  for name in list(stacked):
+    x = stacked.pop(name)
+    for i in range(n):
+      out[i][name] = x[i]
+    del x
+  return out
+
+
+def init_adapters(s: dict, rank: int, targets, key, layout: str = "scan") -> dict:
+  """`a` he-uniform (in, r), `b` zeros (r, out), float32, stacked over blocks (`scan`) or
+  one dict per block (`loop`)."""
   n, shapes = s["num_hidden_layers"], weight_shapes(s)
   out = {}
   for i, name in enumerate(targets):
@@ -79,7 +118,9 @@ def init_adapters(s: dict, rank: int, targets, key) -> dict:
     a = jax.random.uniform(jax.random.fold_in(key, i), (n, fan_in, rank), jnp.float32, -bound,
                            bound)
     out[name] = dict(a=a, b=jnp.zeros((n, rank, fan_out), jnp.float32))
-  return out
+  if layout == "scan":
+    return out
+  return [{name: dict(a=ad["a"][i], b=ad["b"][i]) for name, ad in out.items()} for i in range(n)]
 
 
 def rms_norm(x, scale, eps):
@@ -98,22 +139,27 @@ def rope(x, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def make_loss(s: dict, attention: str, remat: str):
-  """`loss(adapters, weights, ids)`: mean next-token cross-entropy of the soft-capped logits."""
+def make_loss(s: dict, attention: str | None, remat: str, layout: str = "scan"):
+  """`loss(adapters, weights, ids)`: mean next-token cross-entropy of the soft-capped logits.
+
+  `adapters` in the layout of the blocks (`init_adapters`); `{}` (scan) or `None`: plain
+  `x @ w` everywhere, which is what `jlora.lora` runs with LoRA leaves in `weights`.
+  """
   h, kv, hd, eps = (s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"],
                     s["rms_norm_eps"])
   cap = s["final_logit_softcapping"]
 
   def block(x, layer):
     w, ad = layer
+    ad = ad or {}
     b, t, _ = x.shape
 
     def proj(name, inp):
       y = inp @ w[name]
       if name in ad:
         a, bb = ad[name]["a"].astype(inp.dtype), ad[name]["b"].astype(inp.dtype)
-        y = y + (inp @ a) @ bb
-      return y
+        y = y + checkpoint_name(inp @ a, XA) @ bb
+      return checkpoint_name(y, PROJ)
 
     z = rms_norm(x, w["pre_attn"], eps)
     q = rope(proj("q_proj", z).reshape(b, t, h, hd), s["rope_theta"])
@@ -121,6 +167,7 @@ def make_loss(s: dict, attention: str, remat: str):
     v = proj("v_proj", z).reshape(b, t, kv, hd)
     o = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, is_causal=True,
                                      implementation=attention)
+    o = checkpoint_name(o, ATTN)
     x = x + rms_norm(proj("o_proj", o.reshape(b, t, h * hd)), w["post_attn"], eps)
     z = rms_norm(x, w["pre_ffw"], eps)
     m = jax.nn.gelu(proj("gate_proj", z), approximate=True) * proj("up_proj", z)
@@ -134,7 +181,11 @@ def make_loss(s: dict, attention: str, remat: str):
     inputs, labels = ids[:, :-1], ids[:, 1:]
     emb = weights["embed"]
     x = emb[inputs] * jnp.asarray(math.sqrt(emb.shape[1]), emb.dtype)
-    x, _ = jax.lax.scan(block, x, (weights["blocks"], adapters))
+    if layout == "scan":
+      x, _ = jax.lax.scan(block, x, (weights["blocks"], adapters or {}))
+    else:
+      for i, w in enumerate(weights["blocks"]):
+        x, _ = block(x, (w, adapters[i] if adapters else {}))
     x = rms_norm(x, weights["final_norm"], eps)
     logits = (x @ emb.T).astype(jnp.float32)
     logits = cap * jnp.tanh(logits / cap)
@@ -144,10 +195,52 @@ def make_loss(s: dict, attention: str, remat: str):
   return loss
 
 
+def inline_step(s, args, rank, targets, attention, weights, key_a):
+  """The hand-written step: `(step() -> loss, trainable count)`."""
+  adapters = init_adapters(s, rank, targets, key_a, args.layout)
+  tx = optax.adamw(1e-4)
+  loss = make_loss(s, attention, args.remat, args.layout)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(adapters, opt_state, weights, ids):
+    value, grads = jax.value_and_grad(loss)(adapters, weights, ids)
+    updates, opt_state = tx.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, value
+
+  state = [adapters, tx.init(adapters)]
+
+  def step(ids):
+    state[0], state[1], value = train_step(state[0], state[1], weights, ids)
+    return value
+
+  return step, sum(x.size for x in jax.tree.leaves(state[0]))
+
+
+def jlora_step(s, args, rank, targets, attention, weights, key_a):
+  """The same model through jlora's public API: `(step() -> loss, trainable count)`."""
+  import jlora
+  stacked = r"^blocks/" if args.layout == "scan" else None
+  tree = jlora.apply(weights, rank=rank, targets=list(targets), stacked=stacked, key=key_a)
+  plain = make_loss(s, attention, args.remat, args.layout)
+  train = jlora.train_step(jlora.lora(lambda t, ids: plain(None, t, ids), fold=args.fold),
+                           optax.adamw(1e-4))
+  state = [tree, train.init(tree)]
+
+  def step(ids):
+    state[0], state[1], value = train(state[0], state[1], ids)
+    return value
+
+  return step, jlora.count(tree).trainable
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("config", choices=sorted(C.CONFIGS))
+  p.add_argument("--impl", default="inline", choices=("inline", "jlora"))
+  p.add_argument("--layout", default="scan", choices=LAYOUTS)
   p.add_argument("--remat", default="dots", choices=sorted(REMAT))
+  p.add_argument("--fold", default="auto", choices=("auto", "never", "always"),
+                 help="jlora.lora's fold (--impl jlora only)")
   p.add_argument("--attention", default=None, choices=("cudnn", "xla"),
                  help="jax.nn.dot_product_attention's implementation (default: cudnn on GPUs)")
   C.add_args(p)
@@ -159,30 +252,19 @@ def main(argv=None):
   print("jax", jax.__version__, jax.devices(), flush=True)
 
   key_w, key_a, key_d = jax.random.split(jax.random.key(0), 3)
-  weights = init_weights(s, key_w)
-  adapters = init_adapters(s, rank, targets, key_a)
+  weights = init_weights(s, key_w, args.layout)
   ids = jax.random.randint(key_d, (batch, seq + 1), 0, s["vocab_size"])
-  tx = optax.adamw(1e-4)
-  loss = make_loss(s, attention if attention != "xla" else None, args.remat)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(adapters, opt_state, weights, ids):
-    value, grads = jax.value_and_grad(loss)(adapters, weights, ids)
-    updates, opt_state = tx.update(grads, opt_state, adapters)
-    return optax.apply_updates(adapters, updates), opt_state, value
-
-  state = [adapters, tx.init(adapters)]
-
-  def step():
-    state[0], state[1], value = train_step(state[0], state[1], weights, ids)
-    return value
-
-  timing = C.time_steps(step, lambda v: v.block_until_ready(), warmup=args.warmup, steps=args.steps,
-                        rounds=args.rounds)
+  make = inline_step if args.impl == "inline" else jlora_step
+  step, trainable = make(s, args, rank, targets, attention if attention != "xla" else None,
+                         weights, key_a)
+  timing = C.time_steps(lambda: step(ids), lambda v: v.block_until_ready(), warmup=args.warmup,
+                        steps=args.steps, rounds=args.rounds)
   stats = jax.devices()[0].memory_stats() or {}
-  trainable = sum(x.size for x in jax.tree.leaves(state[0]))
+  fields = dict(impl=args.impl, layout=args.layout, remat=args.remat)
+  if args.impl == "jlora":
+    fields["fold"] = args.fold
   r = C.row("handwritten", args.config, timing, batch=batch, seq=seq, shape=s, config=args.config,
-            rank=rank, targets=list(targets), remat=args.remat, attention=attention,
+            rank=rank, targets=list(targets), **fields, attention=attention,
             trainable=int(trainable),
             peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
             jax=jax.__version__,

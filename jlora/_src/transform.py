@@ -809,7 +809,11 @@ def _folded_matmul_jvp(pet, prec, primals, tangents):
   # itself is differentiated (a frozen w's tangent is a symbolic zero).
   x, t, w, b = primals
   dx, dt, dw, db = tangents
-  y = _folded_matmul(x, t, w, b, pet, prec)
+  # The primal as a plain `dot_general`, not a nested call of this function: a remat policy
+  # judges the primitives it sees, and `dots_with_no_batch_dims_saveable` must see a dot here
+  # to keep the output (else the whole matmul runs again in the backward pass).
+  y = _dot_last_first(jnp.concatenate([x, t], axis=-1), jnp.concatenate([w, b], axis=0), pet,
+                      prec)
   zero = lambda d: isinstance(d, jax.custom_derivatives.SymbolicZero)
   terms = [_dot_last_first(u, v, pet, prec)
            for u, v in ((dx, w), (dt, b), (x, dw), (t, db)) if not (zero(u) or zero(v))]
