@@ -159,7 +159,8 @@ def jlora_impl(s: dict, config: str, x, y, *, lr: float = LR) -> types.SimpleNam
   """
   # Imported here, so the Keras row needs neither; jlora from this checkout, as the other
   # benchmark scripts import it.
-  sys.path.insert(0, ROOT)
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
   import optax  # pylint: disable=import-outside-toplevel
 
   import jlora  # pylint: disable=import-outside-toplevel
