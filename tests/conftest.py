@@ -30,11 +30,14 @@ jax.config.update("jax_num_cpu_devices", 8)
 # JLORA_STACK=colab: the run in .venv-colab (recipes/setup_colab_stack.sh), the free Colab TPU
 # runtime's stack (Python 3.13, jax 0.7.2, flax 0.11.2) on CPU. The library's tests and both
 # notebooks run there; these modules need what only the main environment has (torch and peft,
-# keras >= 3.15, the real-model and benchmark packages) and run there alone.
+# keras >= 3.15, the real-model and benchmark packages, flax >= 0.12's nnx.List for the NNX
+# benchmark) and run there alone.
 MAIN_STACK_ONLY = [
-    "test_bert.py", "test_data.py", "test_gemma2_bench_model.py", "test_gemma_count.py",
-    "test_keras.py", "test_llama.py", "test_peft.py", "test_peft_variants.py", "test_qlora_real.py",
-    "test_quantize_refs.py", "test_readme.py", "test_recipes.py",
+    "test_bench_keras.py", "test_bench_nnx.py", "test_bert.py", "test_data.py",
+    "test_gemma2_bench_model.py",
+    "test_gemma_count.py", "test_keras.py", "test_llama.py", "test_peft.py",
+    "test_peft_variants.py", "test_qlora_real.py", "test_quantize_refs.py", "test_readme.py",
+    "test_recipes.py",
 ]
 STACK = os.environ.get("JLORA_STACK", "main")
 if STACK not in ("main", "colab"):
