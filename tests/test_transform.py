@@ -509,6 +509,29 @@ def _count_xa(jaxpr, x_shape, a_shape):
              if e.primitive.name == "dot_general")
 
 
+def test_weight_passed_through_a_checkpoint_stays_factored():
+  """A checkpointed function that returns its weights (Flax NNX's `nnx.remat` returns the
+  block's state) hands them on as LoRA weights: nothing is materialized, the weight used
+  after the checkpoint is still factored, and no weight-sized gradient is formed."""
+  kw, kx = jax.random.split(jax.random.key(40))
+  tree = randomize_b(jlora.apply({"q_proj": jax.random.normal(kw, (24, 40))}, rank=4))
+  x = jax.random.normal(kx, (3, 24))
+
+  def f(p, x):
+    def block(p, x):
+      return p, jnp.tanh(x @ p["q_proj"])
+    p, y = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)(p, x)
+    return jnp.sum(y * (x @ p["q_proj"]))
+
+  train, frozen = jlora.split(tree)
+  loss = lambda tr, x: jlora.lora(f, strict=True)(jlora.combine(tr, frozen), x)
+  got = jax.value_and_grad(loss)(train, x)
+  want = jax.value_and_grad(lambda tr, x: f(jlora.merge(jlora.combine(tr, frozen)), x))(train, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert (24, 40) not in _dot_output_sizes(jax.make_jaxpr(jax.grad(loss))(train, x).jaxpr)
+
+
 def test_adapter_activation_is_named_for_remat_policies():
   """A policy that saves "jlora_xa" keeps x·a for the backward pass instead of recomputing it."""
   kw, kx = jax.random.split(jax.random.key(7))

@@ -1129,7 +1129,9 @@ def _remat(ctx, eqn, invals):
   name = eqn.primitive.name
 
   def f(*args):
-    return _materialize_all(ctx, _eval(ctx, jaxpr, consts, list(args)), f"output of {name}")
+    # LoRA weights leave the checkpoint as they are (they are pytrees): Flax NNX's `nnx.remat`
+    # returns a block's whole state, each weight passed straight through.
+    return _eval(ctx, jaxpr, consts, list(args))
 
   return jax.checkpoint(f, prevent_cse=eqn.params.get("prevent_cse", True),
                         policy=eqn.params.get("policy"))(*invals)
