@@ -259,6 +259,73 @@ phase_qlora16gb() {
   job 400 560 qlora_16gb $PY benchmarks/qlora_16gb.py $ARGS --sizes $SZ --out "$OUT/qlora_16gb.json"
 }
 
+# No abstraction tax (issue 20): one model written plainly (baselines/jax_handwritten.py), its LoRA
+# inline against the same model through jlora, scanned and looped blocks, four remat policies, both
+# configurations; a Flax NNX model (nnx_lora.py) against Flax's own LoRA; keras-hub's Gemma
+# through jlora.keras.apply_fn against enable_lora. Each pair of rows runs on one GPU, one after
+# the other; with GPUS=N the pairs are dealt over N GPUs, one copy of this script per GPU
+# (SHARD=k), each writing under $OUT/gpuK. TAX_PARTS picks the parts (hw, nnx, keras) and
+# TAX_LAYOUTS the hand-written model's layouts (scan, loop).
+TAX_T="--warmup 2 --steps 6 --rounds 5"
+PAIR=-1
+pair() {  # the jobs after it, up to the next pair, run on GPU (pair index mod GPUS)
+  PAIR=$(( PAIR + 1 ))
+}
+tjob() {
+  (( PAIR % ${GPUS:-1} == ${SHARD:-0} )) && job "$@"
+  return 0
+}
+phase_tax() {
+  local parts=${TAX_PARTS:-hw nnx keras}
+  if (( ${GPUS:-1} > 1 )) && [ -z "${SHARD:-}" ]; then
+    versions
+    local k pids=()
+    for (( k = 0; k < GPUS; k++ )); do
+      CUDA_VISIBLE_DEVICES=$k SHARD=$k OUT=$OUT/gpu$k bash "$0" tax ${2:-} >/dev/null 2>&1 &
+      pids+=($!)
+    done
+    for k in "${pids[@]}"; do wait "$k" || FAILED=1; done
+    cat "$OUT"/gpu*/results.jsonl >> "$RES"
+    return
+  fi
+  (( ${GPUS:-1} > 1 )) || versions
+  local T=$TAX_T
+  (( TINY )) && T="--warmup 1 --steps 1 --rounds 2"
+  local cfg lay rm impl
+  if [[ " $parts " == *" hw "* ]]; then
+    for lay in ${TAX_LAYOUTS:-scan loop}; do for cfg in qv4 all16; do for rm in dots names nothing none; do
+      pair
+      for impl in inline jlora; do
+        tjob 45 150 hw_${cfg}_${lay}_${rm}_$impl $HW $cfg --impl $impl --layout $lay --remat $rm \
+          --hlo-stats $T
+      done
+    done; done; done
+    pair
+    [[ " ${TAX_LAYOUTS:-scan} " == *" scan "* ]] && \
+      tjob 45 150 hw_all16_scan_dots_jlora_nofold $HW all16 --impl jlora --fold never $T
+  fi
+  if [[ " $parts " == *" nnx "* ]]; then
+    for cfg in qv4 all16; do
+      pair
+      for impl in builtin jlora; do
+        tjob 60 200 nnx_${cfg}_$impl $PY benchmarks/nnx_lora.py $cfg --impl $impl $ARGS $T
+      done
+    done
+  fi
+  if [[ " $parts " == *" keras "* ]]; then
+    keras_setup
+    local KE="env PYTHONPATH=$KERAS_PATH KERAS_BACKEND=jax $PY benchmarks/baselines/keras_hub_lora.py $ARGS"
+    local hd=""
+    for cfg in qv4 all16; do
+      pair
+      (( TINY )) && [ $cfg = all16 ] && hd="--head-dim 32"
+      for impl in keras jlora; do
+        tjob 70 200 keras_${cfg}_$impl $KE $cfg --impl $impl $hd $T
+      done
+    done
+  fi
+}
+
 phase_check() {
   keras_setup
   job 120 300 same_model env PYTHONPATH=$KERAS_PATH KERAS_BACKEND=jax JAX_PLATFORMS=cpu \
@@ -275,7 +342,8 @@ case "$PHASE" in
   qlora) phase_qlora ;;
   qlora16gb) phase_qlora16gb ;;
   variants) phase_variants ;;
-  *) echo "usage: $0 table|attribution|ablations|profile|check|qlora|qlora16gb|variants [--tiny]" >&2
+  tax) phase_tax "$@" ;;
+  *) echo "usage: $0 table|attribution|ablations|profile|check|qlora|qlora16gb|variants|tax [--tiny]" >&2
      exit 2 ;;
 esac
 if [ "$PHASE" = table ] || [ "$PHASE" = attribution ]; then

@@ -47,7 +47,9 @@ import jax.numpy as jnp
 import optax
 from jax.ad_checkpoint import checkpoint_name
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _BENCH)
+sys.path.insert(1, os.path.dirname(_BENCH))  # the checkout's jlora, for --impl jlora
 import bench_common as C  # noqa: E402
 
 # The names the model gives its activations (`--remat names` keeps them), and jlora's name
@@ -196,7 +198,7 @@ def make_loss(s: dict, attention: str | None, remat: str, layout: str = "scan"):
 
 
 def inline_step(s, args, rank, targets, attention, weights, key_a):
-  """The hand-written step: `(step() -> loss, trainable count)`."""
+  """The hand-written step: `(step(ids) -> loss, trainable count, lower(ids))`."""
   adapters = init_adapters(s, rank, targets, key_a, args.layout)
   tx = optax.adamw(1e-4)
   loss = make_loss(s, attention, args.remat, args.layout)
@@ -213,11 +215,13 @@ def inline_step(s, args, rank, targets, attention, weights, key_a):
     state[0], state[1], value = train_step(state[0], state[1], weights, ids)
     return value
 
-  return step, sum(x.size for x in jax.tree.leaves(state[0]))
+  lower = lambda ids: train_step.lower(state[0], state[1], weights, ids)
+  return step, sum(x.size for x in jax.tree.leaves(state[0])), lower
 
 
 def jlora_step(s, args, rank, targets, attention, weights, key_a):
-  """The same model through jlora's public API: `(step() -> loss, trainable count)`."""
+  """The same model through jlora's public API: `(step(ids) -> loss, trainable count,
+  lower(ids))`."""
   import jlora
   stacked = r"^blocks/" if args.layout == "scan" else None
   tree = jlora.apply(weights, rank=rank, targets=list(targets), stacked=stacked, key=key_a)
@@ -230,7 +234,30 @@ def jlora_step(s, args, rank, targets, attention, weights, key_a):
     state[0], state[1], value = train(state[0], state[1], ids)
     return value
 
-  return step, jlora.count(tree).trainable
+  return step, jlora.count(tree).trainable, lambda ids: train.lower(state[0], state[1], ids)
+
+
+def hlo_stats(compiled) -> dict:
+  """A compiled program's shape: how many of each instruction kind (GEMM custom calls apart),
+  XLA's temporary bytes and its FLOP and byte counts. Two programs that differ only in the
+  order of their parameters give the same statistics."""
+  import collections
+  import re
+  kinds = collections.Counter()
+  for line in compiled.as_text().splitlines():
+    m = re.search(r"= \S+ ([a-z][\w-]*)\(", line)
+    if m:
+      kind = m.group(1)
+      if kind == "custom-call":
+        t = re.search(r'custom_call_target="([^"]+)"', line)
+        kind = f"custom-call:{t.group(1) if t else '?'}"
+      kinds[kind] += 1
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+  mem = compiled.memory_analysis()
+  return dict(instructions=dict(sorted(kinds.items())),
+              temp_bytes=getattr(mem, "temp_size_in_bytes", None),
+              flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"))
 
 
 def main(argv=None):
@@ -241,6 +268,9 @@ def main(argv=None):
   p.add_argument("--remat", default="dots", choices=sorted(REMAT))
   p.add_argument("--fold", default="auto", choices=("auto", "never", "always"),
                  help="jlora.lora's fold (--impl jlora only)")
+  p.add_argument("--hlo-stats", action="store_true",
+                 help="add the compiled step's statistics (hlo_stats): what two rows compare to "
+                      "see whether they run the same program")
   p.add_argument("--attention", default=None, choices=("cudnn", "xla"),
                  help="jax.nn.dot_product_attention's implementation (default: cudnn on GPUs)")
   C.add_args(p)
@@ -255,7 +285,7 @@ def main(argv=None):
   weights = init_weights(s, key_w, args.layout)
   ids = jax.random.randint(key_d, (batch, seq + 1), 0, s["vocab_size"])
   make = inline_step if args.impl == "inline" else jlora_step
-  step, trainable = make(s, args, rank, targets, attention if attention != "xla" else None,
+  step, trainable, lower = make(s, args, rank, targets, attention if attention != "xla" else None,
                          weights, key_a)
   timing = C.time_steps(lambda: step(ids), lambda v: v.block_until_ready(), warmup=args.warmup,
                         steps=args.steps, rounds=args.rounds)
@@ -263,6 +293,8 @@ def main(argv=None):
   fields = dict(impl=args.impl, layout=args.layout, remat=args.remat)
   if args.impl == "jlora":
     fields["fold"] = args.fold
+  if args.hlo_stats:
+    fields["hlo_stats"] = hlo_stats(lower(ids).compile())
   r = C.row("handwritten", args.config, timing, batch=batch, seq=seq, shape=s, config=args.config,
             rank=rank, targets=list(targets), **fields, attention=attention,
             trainable=int(trainable),
