@@ -1126,7 +1126,6 @@ def _inline(ctx, eqn, invals):
 @_rule("remat2", "checkpoint", "remat", quantized=True)
 def _remat(ctx, eqn, invals):
   jaxpr, consts = _open(eqn.params["jaxpr"])
-  name = eqn.primitive.name
 
   def f(*args):
     # LoRA weights leave the checkpoint as they are (they are pytrees): Flax NNX's `nnx.remat`
