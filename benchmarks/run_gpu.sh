@@ -305,12 +305,13 @@ phase_tax() {
       tjob 45 150 hw_all16_scan_dots_jlora_nofold $HW all16 --impl jlora --fold never $T
   fi
   if [[ " $parts " == *" nnx "* ]]; then
-    for cfg in qv4 all16; do
+    for rm in ${TAX_NNX_REMAT:-dots nothing none}; do for cfg in qv4 all16; do
       pair
       for impl in builtin jlora; do
-        tjob 60 200 nnx_${cfg}_$impl $PY benchmarks/nnx_lora.py $cfg --impl $impl $ARGS $T
+        tjob 60 200 nnx_${cfg}_${rm}_$impl $PY benchmarks/nnx_lora.py $cfg --impl $impl \
+          --remat $rm $ARGS $T
       done
-    done
+    done; done
   fi
   if [[ " $parts " == *" keras "* ]]; then
     keras_setup
