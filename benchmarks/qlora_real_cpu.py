@@ -37,16 +37,16 @@ Usage: python benchmarks/qlora_real_cpu.py [--out benchmarks/results/qlora_real_
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
+import sys
 
-_JAXLIB = tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS"),
-    "--xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11) else None,
-    "--xla_cpu_parallel_codegen_split_count=1"]))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import cpu_settings  # noqa: E402
+
+cpu_settings.set_xla_flags()  # the test suite's XLA settings, so the figures are the tests'
 
 import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
@@ -60,7 +60,7 @@ import jlora  # noqa: E402
 from recipes import data  # noqa: E402
 from recipes.models import llama  # noqa: E402
 
-jax.config.update("jax_disable_most_optimizations", True)
+cpu_settings.configure_jax()
 
 STACKED = r"^layers/"
 is_q = lambda x: isinstance(x, jlora.Quantized)

@@ -1,27 +1,17 @@
 """JAX's test-time configuration (eight CPU devices, quick compilation), the two stacks CI runs
 the tests on, and the session-scoped real pretrained models (loaded once per session)."""
 
-import importlib.metadata
 import os
 import types
 
-# The tests compile about two thousand small programs and run each once or twice, so XLA's CPU
-# compiler takes three quarters of their time. These settings make it about three times faster:
-# the loop emitters instead of the newer MLIR fusion emitters, one code-generation thread per
-# program, and no LLVM optimization passes (jax_disable_most_optimizations below). The HLO passes
-# (fusion, buffer assignment, the memory analyses tests/test_factored_memory.py reads) are the
-# same. Set before JAX creates its backend; the tests' own subprocesses inherit them.
-# jaxlib 0.11 removed the fusion-emitter switch (an unknown XLA flag aborts the process).
-_JAXLIB = tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS"),
-    "--xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11) else None,
-    "--xla_cpu_parallel_codegen_split_count=1"]))
+from tests import cpu_settings
+
+cpu_settings.set_xla_flags()  # (before JAX creates its backend: tests/cpu_settings.py)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_disable_most_optimizations", True)
+cpu_settings.configure_jax()
 # Eight host CPU devices, also set before JAX creates its backend (the first device use): the
 # mesh tests run in this process (meshes over `jax.devices()[:n]`); every other test uses the
 # first device, as on a one-device machine.
