@@ -88,6 +88,18 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   return p
 
 
+def add_attention_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """`--attention cudnn|xla`: `jax.nn.dot_product_attention`'s implementation (the JAX scripts)."""
+  p.add_argument("--attention", default=None, choices=("cudnn", "xla"),
+                 help="jax.nn.dot_product_attention's implementation (default: cudnn on GPUs)")
+  return p
+
+
+def attention_of(args, backend: str) -> str:
+  """The attention implementation: the argument's, else cuDNN on GPUs and XLA elsewhere."""
+  return args.attention or ("cudnn" if backend == "gpu" else "xla")
+
+
 def time_steps(step: Callable[[], Any], sync: Callable[[Any], Any], *, warmup: int, steps: int,
                rounds: int) -> dict:
   """Runs `step()` (which returns something `sync` waits on) as described in the module.

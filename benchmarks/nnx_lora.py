@@ -253,13 +253,12 @@ def main(argv=None):
   p.add_argument("config", choices=sorted(C.CONFIGS))
   p.add_argument("--impl", required=True, choices=IMPLS)
   p.add_argument("--remat", default="dots", choices=sorted(REMAT))
-  p.add_argument("--attention", default=None, choices=("cudnn", "xla"),
-                 help="jax.nn.dot_product_attention's implementation (default: cudnn on GPUs)")
+  C.add_attention_arg(p)
   C.add_args(p)
   args = p.parse_args(argv)
   s = C.shape_of(args.tiny)
   batch, seq = C.batch_seq(args)
-  attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla")
+  attention = C.attention_of(args, jax.default_backend())
   rank, targets = C.CONFIGS[args.config]
   print("jax", jax.__version__, "flax", flax.__version__, jax.devices(), flush=True)
 

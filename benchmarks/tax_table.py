@@ -25,7 +25,7 @@ def rows(paths):
 
 
 def key(r):
-  return (r["suite"], r.get("config", r["name"].split("_")[0]), r.get("layout", ""),
+  return (r["suite"], r["config"], r.get("layout", ""),
           r.get("remat", ""), r.get("fold", "auto"))
 
 
